@@ -1,0 +1,171 @@
+"""Stable Diffusion models: the tiny random-weight pipelines the project builds itself, and loading.
+
+The tiny pipelines are made of the real diffusers/transformers classes and saved as ordinary diffusers
+folders, so every later feature (training, previews, export, single-file round trips) loads them through
+the same code path as a real checkpoint. They keep every layer type of the real UNets (cross-attention
+transformer blocks, ResNets with ``time_emb_proj`` and ``conv_shortcut``, down/up-samplers) and the real
+VAE downscale factor of 8, so bucket and latent arithmetic is the same as on SD1.5/SDXL.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lycotrain.errors import ModelError
+
+TINY_ARCHS = ("sd1", "sdxl")
+BUILTIN_PREFIX = "builtin:"
+
+# Shared tiny geometry. Channels 32/64 with 8 norm groups; the VAE has 4 blocks (downscale 8, like SD).
+_TINY_UNET: dict[str, Any] = dict(
+    sample_size=8,  # 64 px default preview size
+    in_channels=4,
+    out_channels=4,
+    block_out_channels=(32, 64),
+    layers_per_block=1,
+    down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+    up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+    norm_num_groups=8,
+)
+_TINY_VAE: dict[str, Any] = dict(
+    in_channels=3,
+    out_channels=3,
+    latent_channels=4,
+    block_out_channels=(8, 16, 16, 16),
+    down_block_types=("DownEncoderBlock2D",) * 4,
+    up_block_types=("UpDecoderBlock2D",) * 4,
+    layers_per_block=1,
+    norm_num_groups=8,
+    sample_size=64,
+)
+_TINY_CLIP: dict[str, Any] = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    max_position_embeddings=77,  # the CLIP context: captions are truncated exactly as on real models
+    hidden_act="quick_gelu",
+)
+# The SD1.5 training noise schedule (scaled linear betas, 1000 steps).
+_SD_SCHEDULER: dict[str, Any] = dict(
+    num_train_timesteps=1000,
+    beta_start=0.00085,
+    beta_end=0.012,
+    beta_schedule="scaled_linear",
+    clip_sample=False,
+    steps_offset=1,
+    prediction_type="epsilon",
+)
+
+
+# ---- tiny pipelines ---------------------------------------------------------------------------------
+def _tiny_tokenizer(pad_token: str):
+    from transformers import CLIPTokenizer
+
+    from lycotrain.diffusion.tokenizer import BOS, EOS, tiny_vocabulary
+
+    vocab, merges = tiny_vocabulary()
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), bos_token=BOS, eos_token=EOS, unk_token=EOS,
+                         pad_token=pad_token, model_max_length=_TINY_CLIP["max_position_embeddings"])
+
+
+def _tiny_text_config(tokenizer, hidden_size: int, **extra: Any):
+    from transformers import CLIPTextConfig
+
+    params = {**_TINY_CLIP, "hidden_size": hidden_size, "intermediate_size": 2 * hidden_size, **extra}
+    return CLIPTextConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                          eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **params)
+
+
+def _tiny_sd1():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel
+
+    tokenizer = _tiny_tokenizer(pad_token="<|endoftext|>")
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32))
+    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32, attention_head_dim=4)
+    vae = AutoencoderKL(**_TINY_VAE)
+    return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+                                   scheduler=DDPMScheduler(**_SD_SCHEDULER), safety_checker=None,
+                                   feature_extractor=None, requires_safety_checker=False)
+
+
+def _tiny_sdxl():
+    from diffusers import AutoencoderKL, DDPMScheduler, StableDiffusionXLPipeline, UNet2DConditionModel
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = _tiny_tokenizer(pad_token="<|endoftext|>")
+    tokenizer_2 = _tiny_tokenizer(pad_token="!")  # SDXL's second tokenizer pads with "!" like OpenCLIP
+    # SDXL's TE1 is read at its penultimate layer, TE2 is a projection model; widths 32 + 48 -> context 80
+    text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32))
+    text_encoder_2 = CLIPTextModelWithProjection(_tiny_text_config(tokenizer_2, 48, projection_dim=48))
+    time_embed_dim = 8
+    unet = UNet2DConditionModel(
+        **_TINY_UNET,
+        cross_attention_dim=32 + 48,
+        attention_head_dim=(2, 4),
+        transformer_layers_per_block=(1, 2),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=48 + 6 * time_embed_dim,  # pooled TE2 + 6 size/crop numbers
+    )
+    vae = AutoencoderKL(**_TINY_VAE, scaling_factor=0.13025, force_upcast=False)
+    return StableDiffusionXLPipeline(vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+                                     tokenizer=tokenizer, tokenizer_2=tokenizer_2, unet=unet,
+                                     scheduler=DDPMScheduler(**_SD_SCHEDULER), add_watermarker=False)
+
+
+def build_tiny_pipeline(out_dir: str | Path, arch: str = "sd1", seed: int = 0) -> Path:
+    """Write a tiny random-weight ``arch`` pipeline ("sd1" or "sdxl") as a diffusers folder at ``out_dir``.
+
+    Deterministic: the same seed gives identical weights (the global RNG is left as it was).
+    """
+    builders = {"sd1": _tiny_sd1, "sdxl": _tiny_sdxl}
+    if arch not in builders:
+        raise ModelError(f"unknown tiny architecture {arch!r}; choose one of {', '.join(TINY_ARCHS)}")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        pipeline = builders[arch]()
+    out_dir = Path(out_dir)
+    pipeline.save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def lycotrain_home() -> Path:
+    """Where built-in models live: ``$LYCOTRAIN_HOME`` or ``~/.cache/lycotrain``."""
+    return Path(os.environ.get("LYCOTRAIN_HOME") or Path.home() / ".cache" / "lycotrain")
+
+
+def builtin_model_path(name: str) -> Path:
+    """Resolve ``builtin:tiny-sd1`` / ``builtin:tiny-sdxl`` to its folder, building it on first use.
+
+    The build happens in a temporary folder next to the target and is renamed into place, so a crash or a
+    concurrent build never leaves a half-written model that a later run would trust.
+    """
+    short = name.removeprefix(BUILTIN_PREFIX)
+    arch = short.removeprefix("tiny-")
+    if not short.startswith("tiny-") or arch not in TINY_ARCHS:
+        choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in TINY_ARCHS)
+        raise ModelError(f"unknown built-in model {name!r}; choose one of {choices}")
+    target = lycotrain_home() / "models" / short
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{short}.", dir=target.parent))
+    try:
+        build_tiny_pipeline(tmp, arch=arch)
+        try:
+            os.rename(tmp, target)
+        except OSError:  # another process finished first (target exists and is not empty): use its copy
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target

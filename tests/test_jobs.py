@@ -1,0 +1,147 @@
+"""Jobs: child processes, queue, graceful stop, crash reporting and re-attach, driven with a fake training
+script that speaks the events contract (the real engine is driven by the browser tests)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from lycotrain.jobs import JobManager, RunView
+
+# A stand-in for `lycotrain train CONFIG`: reads a few settings from the config text, writes events, honours
+# RUN_DIR/STOP and SIGTERM like the engine does (checkpoint, then an `end` event with status "stopped").
+FAKE_TRAIN = r'''
+import signal, sys, time, tomllib
+from pathlib import Path
+from lycotrain.engine.events import EventWriter
+config_path = Path(sys.argv[1])
+cfg = tomllib.loads(config_path.read_text())
+run_dir, steps, delay = config_path.parent, cfg["steps"], cfg.get("delay", 0.0)
+if cfg.get("crash"):
+    print("Traceback (most recent call last):\n  File x\nRuntimeError: the fake engine broke")
+    sys.exit(1)
+events = EventWriter(run_dir)
+stop = []
+signal.signal(signal.SIGTERM, lambda *a: stop.append(1))
+events.emit("start", run_dir=str(run_dir), task="image", method="loha", total_steps=steps, config=cfg)
+events.emit("warning", message="3 images have no caption")
+for step in range(1, steps + 1):
+    time.sleep(delay)
+    events.emit("step", step=step, total_steps=steps, epoch=0, loss=1.0 / step, lr=1e-4, it_s=10.0,
+                eta_s=(steps - step) * delay)
+    if step == 2:
+        (run_dir / "previews").mkdir(exist_ok=True)
+        (run_dir / "previews" / "s2.png").write_bytes(b"png")
+        events.emit("preview", step=step, images=["previews/s2.png"])
+    if stop or (run_dir / "STOP").exists():
+        events.emit("checkpoint", step=step, path=f"checkpoints/step-{step}")
+        events.emit("end", status="stopped", step=step, outputs={})
+        sys.exit(0)
+(run_dir / "out.safetensors").write_bytes(b"x")
+events.emit("end", status="finished", step=steps, outputs={"adapter": "out.safetensors"}, rank_pattern={"a": 2})
+'''
+
+
+@pytest.fixture
+def manager(tmp_path: Path) -> JobManager:
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    return JobManager(tmp_path / "runs", command=lambda config: [sys.executable, str(script), str(config)])
+
+
+def _submit(manager: JobManager, name: str, **settings) -> str:
+    toml = "".join(f"{k} = {str(v).lower() if isinstance(v, bool) else v}\n" for k, v in settings.items())
+    return manager.submit(manager.new_run_dir(name), toml, task="image", name=name).id
+
+
+def _wait(manager: JobManager, job_id: str, states: tuple[str, ...], timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        manager.tick()
+        if manager.get(job_id).state in states:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"job {job_id} stayed {manager.get(job_id).state}, wanted {states}")
+
+
+def test_run_finishes_and_its_events_fold_into_the_view(manager: JobManager) -> None:
+    job_id = _submit(manager, "demo", steps=4)
+    assert manager.get(job_id).state == "running"
+    _wait(manager, job_id, ("finished",))
+    view = manager.view(job_id)
+    assert (view.step, view.total_steps, view.method) == (4, 4, "loha")
+    assert [s for s, _ in view.losses] == [1, 2, 3, 4]
+    assert view.previews == [(2, str(Path(manager.get(job_id).run_dir) / "previews/s2.png"))]
+    assert view.warnings == ["3 images have no caption"]
+    assert Path(view.outputs["adapter"]).read_bytes() == b"x"
+    assert view.extra["rank_pattern"] == {"a": 2}
+
+
+def test_runs_are_queued_one_after_another(manager: JobManager) -> None:
+    first = _submit(manager, "first", steps=3, delay=0.2)
+    second = _submit(manager, "second", steps=1)
+    assert manager.get(second).state == "queued"
+    assert manager.current().id == first
+    _wait(manager, first, ("finished",))
+    _wait(manager, second, ("running", "finished"))
+    assert manager.get(second).started >= manager.get(first).ended
+
+
+def test_stop_is_graceful_and_keeps_a_checkpoint(manager: JobManager) -> None:
+    job_id = _submit(manager, "long", steps=1000, delay=0.02)
+    _wait_for(lambda: manager.view(job_id).step >= 2)
+    manager.stop(job_id)
+    assert (Path(manager.get(job_id).run_dir) / "STOP").exists()
+    _wait(manager, job_id, ("stopped",))
+    view = manager.view(job_id)
+    assert view.end_status == "stopped" and view.checkpoints and view.step < 1000
+
+
+def test_a_queued_job_can_be_cancelled(manager: JobManager) -> None:
+    first = _submit(manager, "first", steps=1000, delay=0.02)
+    second = _submit(manager, "second", steps=1)
+    assert manager.stop(second).state == "cancelled"
+    manager.stop(first)
+    _wait(manager, first, ("stopped",))
+    manager.tick()
+    assert manager.get(second).state == "cancelled"
+
+
+def test_a_crash_is_reported_in_one_line_without_traceback(manager: JobManager) -> None:
+    job_id = _submit(manager, "broken", steps=1, crash=True)
+    _wait(manager, job_id, ("failed",))
+    error = manager.get(job_id).error
+    assert "RuntimeError: the fake engine broke" in error and "exit code 1" in error
+    assert "Traceback" not in error
+    ok = _submit(manager, "after", steps=1)  # the manager keeps working
+    _wait(manager, ok, ("finished",))
+
+
+def test_a_new_manager_reattaches_to_a_running_job(manager: JobManager, tmp_path: Path) -> None:
+    job_id = _submit(manager, "long", steps=40, delay=0.05)
+    _wait_for(lambda: manager.view(job_id).step >= 1)
+    restarted = JobManager(manager.runs_root)  # an app restart: no child handles, only the folder
+    restarted.tick()
+    assert restarted.get(job_id).state == "running"
+    assert restarted.current().id == job_id
+    step = restarted.view(job_id).step
+    _wait_for(lambda: restarted.view(job_id).step > step)
+    _wait(restarted, job_id, ("finished",))
+    manager.tick()  # the original manager reaps its child without changing the outcome
+    assert manager.get(job_id).state == "finished"
+
+
+def test_view_of_an_unknown_job_is_empty(manager: JobManager) -> None:
+    assert manager.view("nope") == RunView()
+    assert manager.get("../etc") is None
+
+
+def _wait_for(condition, timeout: float = 30.0) -> None:
+    deadline = time.time() + timeout
+    while not condition():
+        if time.time() > deadline:
+            raise AssertionError("condition not reached")
+        time.sleep(0.02)

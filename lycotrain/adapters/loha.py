@@ -1,0 +1,228 @@
+"""LoHa: delta W = (alpha / r) * (W1 ⊙ W2), each Wk a rank-r product (or a Tucker product for kxk convs).
+
+Keys (specs/webui-formats.md §3.2):
+
+=========================  ==========================  =========================
+key                        Linear / conv (flattened)   conv kxk Tucker
+=========================  ==========================  =========================
+``hada_w1_a``/``w2_a``     (out, r)                    (r, out)  (transposed!)
+``hada_w1_b``/``w2_b``     (r, in*kh*kw)               (r, in)
+``hada_t1``/``hada_t2``    --                          (r, r, kh, kw)
+``alpha``                  ()                          ()
+=========================  ==========================  =========================
+
+Training never needs ``W1 ⊙ W2`` as such. Two exact paths, chosen per call by a flop estimate:
+
+* *factored* (Khatri-Rao): ``W1 ⊙ W2 = P Q`` with ``P[o, (j,k)] = W1a[o,j] W2a[o,k]`` (out x r^2) and
+  ``Q[(j,k), i] = W1b[j,i] W2b[k,i]`` (r^2 x in); a Tucker pair adds the core ``T1 ⊗ T2`` (r^2 x r^2 x kh x kw).
+  Costs ~ tokens * r^2 * (in + out): best when r^2 is small against the layer width.
+* *merged*: one GEMM with ``W + delta W`` whose backward rebuilds delta W from the factors (only the input
+  and the factors are saved). Costs one extra weight-gradient GEMM: best when r^2 is large against the width.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lycotrain.adapters.base import Adapter, BaseLayer, scale_from_alpha
+from lycotrain.adapters.functional_common import (ConvArgs, apply_weight, conv_args_of, output_positions,
+                                                  row_dropout_scale)
+from lycotrain.errors import AdapterError
+
+Scale = float | torch.Tensor  # a scalar, or one value per output channel (rank dropout folded in)
+
+
+# ---- pure functions ---------------------------------------------------------------------------------
+def _per_row(scale: Scale, ndim: int) -> Scale:
+    """Broadcast a per-output-channel scale over a tensor whose first dim is the output channel."""
+    return scale.reshape(-1, *[1] * (ndim - 1)) if isinstance(scale, torch.Tensor) else scale
+
+
+def hada_factor(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None,
+                weight_shape: torch.Size) -> torch.Tensor:
+    """One Hadamard factor Wk in the base weight's shape (fp32): ``a @ b``, or the Tucker product."""
+    if t is None:
+        return (a.float() @ b.float()).reshape(weight_shape)
+    return torch.einsum("ijyx,jq,ip->pqyx", t.float(), b.float(), a.float())
+
+
+def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+               t1: torch.Tensor | None, t2: torch.Tensor | None, scale: Scale,
+               weight_shape: torch.Size) -> torch.Tensor:
+    """delta W = scale * (W1 ⊙ W2), shaped like the base weight (fp32)."""
+    delta = hada_factor(w1a, w1b, t1, weight_shape) * hada_factor(w2a, w2b, t2, weight_shape)
+    return delta * _per_row(scale, delta.dim())
+
+
+def khatri_rao_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
+                       t1: torch.Tensor | None, t2: torch.Tensor | None
+                       ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """``(P, core, Q)`` with ``W1 ⊙ W2 = P [core] Q``: P (out, r^2), Q (r^2, in[*kh*kw]), core (r^2, r^2, kh, kw)."""
+    a1, a2 = (w1a, w2a) if t1 is None else (w1a.T, w2a.T)  # Tucker stores w?_a as (r, out)
+    p = (a1[:, :, None] * a2[:, None, :]).flatten(1)
+    q = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
+    if t1 is None or t2 is None:
+        return p, None, q
+    r2 = p.shape[1]
+    core = (t1[:, None, :, None] * t2[None, :, None, :]).reshape(r2, r2, *t1.shape[2:])
+    return p, core, q
+
+
+def loha_factored_delta_out(x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                            w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None, scale: Scale,
+                            conv: ConvArgs | None, kernel: tuple[int, int]) -> torch.Tensor:
+    """delta W applied to ``x`` through the Khatri-Rao factors; never forms an out x in matrix."""
+    p, core, q = khatri_rao_factors(w1a, w1b, w2a, w2b, t1, t2)
+    p = p * _per_row(scale, 2)
+    if conv is None:
+        return F.linear(F.linear(x, q), p)
+    if core is None:
+        h = apply_weight(x, q.reshape(q.shape[0], -1, *kernel), None, conv)
+    else:
+        h = apply_weight(F.conv2d(x, q[:, :, None, None]), core, None, conv)
+    return F.conv2d(h, p[:, :, None, None])
+
+
+def _weight_and_input_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                            conv: ConvArgs | None, need_input: bool
+                            ) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """Gradients of ``apply_weight(x, weight)`` w.r.t. its input (if needed) and its weight."""
+    if conv is None:
+        grad_w = grad_out.reshape(-1, grad_out.shape[-1]).T @ x.reshape(-1, x.shape[-1])
+        return (grad_out @ weight if need_input else None), grad_w
+    grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+        grad_out, x, weight, None, list(conv.stride), list(conv.padding), list(conv.dilation), False, [0, 0], 1,
+        [need_input, True, False])
+    return grad_x, grad_w
+
+
+class _MergedLoHa(torch.autograd.Function):
+    """``apply_weight(x, W + delta W)`` saving only x and the factors; backward rebuilds delta W."""
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
+                conv: ConvArgs | None, *factors: torch.Tensor | None) -> torch.Tensor:
+        with torch.no_grad():
+            merged = (weight.float() + loha_delta(*factors, scale, weight.shape)).to(x.dtype)
+        ctx.save_for_backward(x, weight, *factors)
+        ctx.scale, ctx.conv = scale, conv
+        return apply_weight(x, merged, bias, conv)
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, *saved = ctx.saved_tensors
+        factors = [None if f is None else f.detach().requires_grad_() for f in saved]
+        with torch.enable_grad():
+            delta = loha_delta(*factors, ctx.scale, weight.shape)
+        merged = (weight.float() + delta.detach()).to(x.dtype)
+        grad_x, grad_w = _weight_and_input_grads(grad_out, x, merged, ctx.conv, ctx.needs_input_grad[0])
+        trainable = [f for f in factors if f is not None]
+        factor_grads = iter(torch.autograd.grad(delta, trainable, grad_w.float()))
+        grad_bias = None
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad_out.sum((0, 2, 3)) if ctx.conv else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+        grad_weight = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        return (grad_x, grad_weight, grad_bias, None, None,
+                *[None if f is None else next(factor_grads) for f in factors])
+
+
+def loha_merged_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
+                        conv: ConvArgs | None, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                        w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None) -> torch.Tensor:
+    """Base output plus delta W's, as one op with ``W + delta W`` (exact; saves only x and the factors)."""
+    return _MergedLoHa.apply(x, weight, bias, scale, conv, w1a, w1b, w2a, w2b, t1, t2)
+
+
+def prefer_merged(positions: int, out_features: int, in_features: int, kernel_numel: int, rank: int,
+                  tucker: bool) -> bool:
+    """Flop estimate (forward + backward) of the extra work of each path; True when merging is cheaper."""
+    r2 = rank * rank
+    if tucker:
+        factored = 3 * positions * r2 * (in_features + r2 * kernel_numel + out_features)
+    else:
+        factored = 3 * positions * r2 * (in_features * kernel_numel + out_features)
+    weight_numel = out_features * in_features * kernel_numel
+    # weight-gradient GEMM, rebuilding delta W (forward and backward) and ~a dozen memory-bound passes over it
+    merged = (positions + 8 * rank + 32) * weight_numel
+    return merged < factored
+
+
+# ---- module -----------------------------------------------------------------------------------------
+class LoHaAdapter(Adapter):
+    method = "loha"
+
+    def __init__(self, base: BaseLayer, rank: int = 8, alpha: float | None = None, *, use_tucker: bool = True,
+                 rank_dropout: float = 0.0, multiplier: float = 1.0, module_dropout: float = 0.0) -> None:
+        super().__init__(base, multiplier=multiplier, module_dropout=module_dropout)
+        if rank < 1:
+            raise AdapterError(f"loha: rank must be >= 1, got {rank}")
+        if not 0.0 <= rank_dropout < 1.0:
+            raise AdapterError(f"loha: rank_dropout must be in [0, 1), got {rank_dropout}")
+        self.rank = int(rank)
+        self.rank_dropout_p = float(rank_dropout)
+        self.use_tucker = bool(use_tucker) and not self.is_pointwise
+        # "auto" picks the cheaper exact path per call; tests pin "factored" or "merged"
+        self.forward_path = "auto"
+        self.register_buffer("alpha", torch.tensor(float(alpha if alpha else rank)))
+        self._build_parameters()
+        self.reset_parameters()
+
+    def _build_parameters(self) -> None:
+        out, r = self.out_features, self.rank
+        kh, kw = self.kernel_size
+        if self.use_tucker:
+            a_shape, b_shape = (r, out), (r, self.in_features)
+            self.hada_t1 = nn.Parameter(torch.empty(r, r, kh, kw))
+            self.hada_t2 = nn.Parameter(torch.empty(r, r, kh, kw))
+        else:
+            a_shape, b_shape = (out, r), (r, self.in_features * kh * kw)
+            self.hada_t1 = self.hada_t2 = None
+        self.hada_w1_a = nn.Parameter(torch.empty(a_shape))
+        self.hada_w1_b = nn.Parameter(torch.empty(b_shape))
+        self.hada_w2_a = nn.Parameter(torch.empty(a_shape))
+        self.hada_w2_b = nn.Parameter(torch.empty(b_shape))
+
+    def reset_parameters(self) -> None:
+        """LyCORIS's initialisation: w2_a = 0 makes delta W = 0 while every other factor gets a gradient."""
+        nn.init.normal_(self.hada_w1_a, std=0.1)
+        nn.init.normal_(self.hada_w1_b, std=1.0)
+        nn.init.zeros_(self.hada_w2_a)
+        nn.init.normal_(self.hada_w2_b, std=1.0)
+        if self.use_tucker:
+            nn.init.normal_(self.hada_t1, std=0.1)
+            nn.init.normal_(self.hada_t2, std=0.1)
+
+    @property
+    def scale(self) -> float:
+        return scale_from_alpha(float(self.alpha), self.rank)
+
+    def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+                               torch.Tensor | None, torch.Tensor | None]:
+        """``(w1_a, w1_b, w2_a, w2_b, t1, t2)`` as the pure functions take them."""
+        return self.hada_w1_a, self.hada_w1_b, self.hada_w2_a, self.hada_w2_b, self.hada_t1, self.hada_t2
+
+    def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
+        return loha_delta(*self.factors(), multiplier * self.scale, self.base.weight.shape)
+
+    def _merged_is_cheaper(self, x: torch.Tensor) -> bool:
+        if self.forward_path != "auto":
+            return self.forward_path == "merged"
+        positions = output_positions(x, self.in_features, conv_args_of(self.base))
+        kh, kw = self.kernel_size
+        return prefer_merged(positions, self.out_features, self.in_features, kh * kw, self.rank, self.use_tucker)
+
+    def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale: Scale = self.multiplier * self.scale
+        if self.training and self.rank_dropout_p > 0:
+            scale = scale * row_dropout_scale(self.out_features, self.rank_dropout_p, x)
+        conv = conv_args_of(self.base)
+        if self._merged_is_cheaper(x):
+            return loha_merged_forward(x, self.base.weight, self.base.bias, scale, conv, *self.factors())
+        return self.base(x) + loha_factored_delta_out(x, *self.factors(), scale, conv, self.kernel_size)
+
+    def hyperparameters(self) -> dict[str, Any]:
+        return {"rank": self.rank, "alpha": float(self.alpha), "use_tucker": self.use_tucker}

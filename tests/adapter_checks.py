@@ -1,0 +1,66 @@
+"""Checks every image adapter must pass, shared by the per-method test files."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lycotrain.adapters.base import Adapter
+
+RTOL = ATOL = 1e-5
+
+
+def input_for(layer: nn.Module, batch: int = 2, size: int = 6) -> torch.Tensor:
+    if isinstance(layer, nn.Linear):
+        return torch.randn(batch, 3, layer.in_features)
+    return torch.randn(batch, layer.in_channels, size, size)
+
+
+def assert_rel_close(actual: torch.Tensor, expected: torch.Tensor, rtol: float = RTOL) -> None:
+    """Close relative to the largest magnitude of ``expected`` (what "1e-5 relative" means here)."""
+    scale = expected.abs().max().clamp_min(1e-12)
+    err = (actual - expected).abs().max() / scale
+    assert err <= rtol, f"relative error {err:.2e} > {rtol:.0e}"
+
+
+def randomize(adapter: Adapter, std: float = 0.5) -> None:
+    """Give every adapter parameter a non-zero value so delta W != 0."""
+    with torch.no_grad():
+        for p in adapter.adapter_parameters():
+            p.normal_(std=std)
+
+
+def merged_reference(adapter: Adapter, x: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
+    """The base op with W + delta W: what every loader computes after merging."""
+    weight = adapter.base.weight + adapter.delta_weight(multiplier)
+    return adapter.base_op(x, weight, adapter.base.bias)
+
+
+def check_adapter_contract(adapter: Adapter, x: torch.Tensor) -> None:
+    """Forward == merged reference; gradients only on adapter parameters; merge/unmerge; multiplier."""
+    base_weight = adapter.base.weight.detach().clone()
+    randomize(adapter)
+    out = adapter(x)
+    assert_rel_close(out, merged_reference(adapter, x))
+
+    adapter.zero_grad(set_to_none=True)
+    out.square().sum().backward()
+    assert adapter.base.weight.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapter.adapter_parameters())
+
+    with torch.no_grad():
+        base_out = adapter.base(x)
+        adapter.multiplier = 0.5
+        half = adapter(x)
+        adapter.multiplier = 1.0
+        assert_rel_close(half - base_out, (out - base_out) * 0.5, rtol=1e-4)
+        adapter.merge()
+        assert_rel_close(adapter(x), out)
+        adapter.unmerge()
+        torch.testing.assert_close(adapter.base.weight, base_weight, rtol=0, atol=1e-6)
+
+
+def check_identity_at_init(adapter: Adapter, x: torch.Tensor) -> None:
+    with torch.no_grad():
+        assert torch.equal(adapter(x), adapter.base(x))
+        assert adapter.delta_weight().abs().max() == 0

@@ -21,17 +21,21 @@ import json
 import os
 import time
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 EVENTS_FILE = "events.jsonl"
 
 
 class EventWriter:
-    """Appends events; each line is flushed and fsynced so readers never see half a line for long."""
+    """Appends events; each line is flushed and fsynced so readers never see half a line for long.
 
-    def __init__(self, run_dir: str | Path) -> None:
+    ``listener`` (optional) also receives every event in-process (the CLI's progress bar).
+    """
+
+    def __init__(self, run_dir: str | Path, listener: Callable[[dict[str, Any]], None] | None = None) -> None:
         self.path = Path(run_dir) / EVENTS_FILE
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.listener = listener
 
     def emit(self, type_: str, **fields: Any) -> dict[str, Any]:
         event = {"type": type_, "time": time.time(), **fields}
@@ -40,6 +44,8 @@ class EventWriter:
             f.write(line)
             f.flush()
             os.fsync(f.fileno())
+        if self.listener is not None:
+            self.listener(event)
         return event
 
 

@@ -1,0 +1,72 @@
+"""The Gradio app: three tabs over one job manager. The app process stays light — it never imports torch,
+diffusers or transformers; training, generation and the file tools run in child processes."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import socket
+from pathlib import Path
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # offline by default: no phoning home
+
+import gradio as gr  # noqa: E402
+
+from lycotrain.errors import ConfigError  # noqa: E402
+from lycotrain.jobs import JobManager  # noqa: E402
+from lycotrain.ui.image_tab import ImageTab  # noqa: E402
+from lycotrain.ui.text_tab import TextTab  # noqa: E402
+from lycotrain.ui.tools_tab import ToolsTab  # noqa: E402
+
+DEFAULT_HOST = "127.0.0.1"
+DEFAULT_PORT = 7860
+
+
+def build_app(manager: JobManager) -> gr.Blocks:
+    with gr.Blocks(title="lycotrain", analytics_enabled=False) as app:
+        gr.Markdown("## lycotrain — adapters for Stable Diffusion and language models")
+        with gr.Tabs():
+            with gr.Tab("Image", id="image", elem_id="tab-image"):
+                ImageTab(manager)
+            with gr.Tab("Text", id="text", elem_id="tab-text"):
+                TextTab(manager)
+            with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
+                ToolsTab(manager)
+    return app
+
+
+def is_loopback(host: str) -> bool:
+    """True when ``host`` only listens on this machine (127.0.0.0/8, ::1, localhost)."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        try:
+            return all(ipaddress.ip_address(info[4][0]).is_loopback for info in socket.getaddrinfo(host, None))
+        except OSError:
+            return False
+
+
+def parse_auth(text: str | None) -> tuple[str, str] | None:
+    if not text:
+        return None
+    user, sep, password = text.partition(":")
+    if not sep or not user or not password:
+        raise ConfigError("--auth must be USER:PASSWORD, e.g. --auth alice:s3cret")
+    return user, password
+
+
+def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, auth: str | None = None, share: bool = False,
+          runs_root: str | Path = "runs", block: bool = True) -> gr.Blocks:
+    """Start the job scheduler and the web server; warn when the app is reachable from the network unguarded."""
+    credentials = parse_auth(auth)
+    if not is_loopback(host) and credentials is None:
+        print(f"warning: listening on {host} without --auth: anyone who can reach this machine can start "
+              "training jobs and read files the server can read. Add --auth USER:PASSWORD.", flush=True)
+    manager = JobManager(runs_root)
+    manager.start_background()
+    app = build_app(manager)
+    app.queue(default_concurrency_limit=4)
+    app.launch(server_name=host, server_port=port, auth=credentials, share=share, inbrowser=False,
+               allowed_paths=[str(manager.runs_root)], prevent_thread_lock=not block, footer_links=[],
+               quiet=False)
+    return app

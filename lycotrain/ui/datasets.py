@@ -1,0 +1,200 @@
+"""Datasets from the browser: safe import of uploaded images / zips, and the caption editor's file operations.
+
+Uploads are untrusted: every name is reduced to a plain file name (no folders from the client, no ``..``,
+no absolute paths — a zip entry that tries to climb out is refused, never extracted), every image is decoded
+before it is kept, and anything else is listed back to the user with the reason. Caption files are kept only
+next to an image of the same name, so a stray text file cannot slip in as training data.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+import time
+import zipfile
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+
+from PIL import Image, UnidentifiedImageError
+
+from lycotrain.atomic import atomic_write_bytes, atomic_write_text
+from lycotrain.diffusion.images import IMAGE_EXTENSIONS
+from lycotrain.errors import DatasetError
+
+CAPTION_EXTENSIONS = (".txt", ".caption")
+MAX_UPLOAD_FILES = 20_000
+MAX_ENTRY_BYTES = 256 * 2**20  # a bigger "image" in a zip is refused unread (zip bombs)
+
+
+@dataclass
+class ImportResult:
+    folder: Path
+    images: list[str] = field(default_factory=list)
+    captions: list[str] = field(default_factory=list)
+    rejected: list[tuple[str, str]] = field(default_factory=list)  # (name as uploaded, reason)
+
+    def summary(self) -> str:
+        lines = [f"Imported {len(self.images)} image(s) and {len(self.captions)} caption(s) into `{self.folder}`."]
+        lines += [f"- rejected `{name}`: {reason}" for name, reason in self.rejected]
+        return "\n".join(lines)
+
+
+def sanitize_name(name: str) -> str:
+    """A safe file name: the last path part only, restricted characters, no leading dot, bounded length."""
+    base = re.split(r"[\\/]", name)[-1]
+    cleaned = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
+    stem, dot, ext = cleaned.rpartition(".")
+    if dot and len(cleaned) > 120:
+        cleaned = f"{stem[:110]}.{ext[:9]}"
+    return cleaned[:120] or "file"
+
+
+def safe_relative(name: str) -> PurePosixPath | None:
+    """The sanitized relative path of a zip entry, or None when it would leave the target folder."""
+    if name.startswith(("/", "\\")) or re.match(r"^[A-Za-z]:", name):
+        return None
+    parts = [p for p in re.split(r"[\\/]", name) if p not in ("", ".")]
+    if not parts or any(p == ".." for p in parts):
+        return None
+    return PurePosixPath(*[sanitize_name(p) for p in parts])
+
+
+def is_decodable_image(data: bytes) -> bool:
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            image.verify()
+        return True
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError):
+        return False
+
+
+def new_upload_folder(root: Path, name: str = "upload") -> Path:
+    folder = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
+    for suffix in range(1000):
+        candidate = folder if suffix == 0 else folder.with_name(f"{folder.name}-{suffix}")
+        try:
+            candidate.mkdir(parents=True)
+            return candidate
+        except FileExistsError:
+            continue
+    raise DatasetError(f"could not create an upload folder under {root}")
+
+
+@dataclass
+class _Entry:
+    shown: str  # the name as uploaded, for messages
+    target: PurePosixPath | None  # sanitized path inside the upload folder; None when unsafe
+    data: bytes = b""
+    reason: str = ""  # set when the entry is refused before looking at its content
+
+
+def import_uploads(paths: list[str], dest: Path) -> ImportResult:
+    """Copy uploaded images (loose or inside zips) into ``dest``; captions only beside a kept image."""
+    entries: list[_Entry] = []
+    for path in paths:
+        shown = Path(path).name
+        if shown.lower().endswith(".zip"):
+            entries += _zip_entries(Path(path), shown)
+        else:
+            entries.append(_Entry(shown, PurePosixPath(sanitize_name(shown)), Path(path).read_bytes()))
+    if len(entries) > MAX_UPLOAD_FILES:
+        raise DatasetError(f"the upload holds {len(entries)} files; at most {MAX_UPLOAD_FILES} per upload")
+    result = ImportResult(folder=dest)
+    kept_images: set[PurePosixPath] = set()
+    captions: list[_Entry] = []
+    for entry in entries:
+        suffix = entry.target.suffix.lower() if entry.target else ""
+        if entry.reason or entry.target is None:
+            result.rejected.append((entry.shown, entry.reason or "its path leaves the upload folder (zip-slip); "
+                                                                "entry skipped"))
+        elif suffix in CAPTION_EXTENSIONS:
+            captions.append(entry)
+        elif suffix not in IMAGE_EXTENSIONS:
+            result.rejected.append((entry.shown, f"not an image (accepted: {', '.join(IMAGE_EXTENSIONS)}, "
+                                                 "or a .zip of them)"))
+        elif not is_decodable_image(entry.data):
+            result.rejected.append((entry.shown, "not a readable image (the file is damaged or not an image)"))
+        else:
+            atomic_write_bytes(dest / entry.target, entry.data)
+            kept_images.add(entry.target.with_suffix(""))
+            result.images.append(str(entry.target))
+    for entry in captions:
+        if entry.target.with_suffix("") not in kept_images:
+            result.rejected.append((entry.shown, "caption file without an image of the same name in this upload"))
+            continue
+        atomic_write_bytes(dest / entry.target, entry.data)
+        result.captions.append(str(entry.target))
+    return result
+
+
+def _zip_entries(path: Path, shown: str) -> list[_Entry]:
+    try:
+        archive = zipfile.ZipFile(path)
+    except zipfile.BadZipFile:
+        raise DatasetError(f"{shown} is not a valid zip file; re-create it or upload the images directly") \
+            from None
+    entries: list[_Entry] = []
+    with archive:
+        for info in archive.infolist():
+            if info.is_dir():
+                continue
+            entry = _Entry(f"{shown}:{info.filename}", safe_relative(info.filename))
+            if info.file_size > MAX_ENTRY_BYTES:
+                entry.reason = f"larger than {MAX_ENTRY_BYTES // 2**20} MiB; refused unread"
+            elif entry.target is not None:
+                entry.data = archive.read(info)
+            entries.append(entry)
+    return entries
+
+
+# ---- caption editor -----------------------------------------------------------------------------------------
+def list_images(folder: str | Path) -> list[Path]:
+    """Every image under ``folder`` (kohya ``N_name`` sub-folders included), in a stable order."""
+    root = Path(folder)
+    if not root.is_dir():
+        raise DatasetError(f"dataset.path: folder {root} does not exist; enter a folder on the server or upload "
+                           "images")
+    return sorted(p for p in root.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def caption_path(image: Path, extension: str) -> Path:
+    return image.with_suffix(extension if extension.startswith(".") else f".{extension}")
+
+
+def read_caption(image: Path, extension: str) -> str:
+    path = caption_path(image, extension)
+    return path.read_text(encoding="utf-8", errors="replace").strip() if path.exists() else ""
+
+
+def save_caption(image: Path, extension: str, text: str) -> Path:
+    path = caption_path(image, extension)
+    atomic_write_text(path, text.strip() + "\n")
+    return path
+
+
+def add_prefix(folder: str | Path, extension: str, prefix: str) -> int:
+    """Put ``prefix`` (e.g. a trigger word) in front of every caption that does not start with it yet."""
+    prefix = prefix.strip().rstrip(",").strip()
+    if not prefix:
+        raise DatasetError("trigger word / prefix is empty; type the word to put in front of every caption")
+    changed = 0
+    for image in list_images(folder):
+        caption = read_caption(image, extension)
+        if caption == prefix or caption.startswith(f"{prefix},"):
+            continue
+        save_caption(image, extension, f"{prefix}, {caption}" if caption else prefix)
+        changed += 1
+    return changed
+
+
+def find_replace(folder: str | Path, extension: str, find: str, replace: str) -> int:
+    """Replace text in every caption; returns how many caption files changed."""
+    if not find:
+        raise DatasetError("find is empty; type the text to replace in the captions")
+    changed = 0
+    for image in list_images(folder):
+        caption = read_caption(image, extension)
+        if find in caption:
+            save_caption(image, extension, caption.replace(find, replace))
+            changed += 1
+    return changed

@@ -1,0 +1,322 @@
+"""The image tab: model, dataset (folder, upload, demo), caption editor, pre-flight report, method and training
+settings, presets, the CLI command, Start, and the live view of the run."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+from PIL import Image
+
+from lycotrain.engine.config import Config, config_to_cli, load_config
+from lycotrain.errors import DatasetError, ModelError
+from lycotrain.jobs import JobManager
+from lycotrain.ui import datasets
+from lycotrain.ui.forms import (Form, config_to_values, keep_method_params, method_param_names, prompt_widgets,
+                                values_to_config, widget)
+from lycotrain.ui.live import LiveView
+from lycotrain.ui.messages import error_html, guarded, notice_html, success_html
+from lycotrain.ui.presets import list_presets, save_preset
+from lycotrain.ui.runner import run_cli
+
+DEMO_MODEL = "builtin:tiny-sd1"
+MAX_GALLERY = 500
+
+# The network fields each method reads (engine/config.py); the others are hidden and left at their defaults.
+METHOD_PARAMS: dict[str, tuple[str, ...]] = {
+    "lora": ("rank", "alpha", "dropout", "rank_dropout", "module_dropout", "conv_rank", "conv_alpha"),
+    "loha": ("rank", "alpha", "rank_dropout", "module_dropout", "conv_rank", "conv_alpha"),
+    "lokr": ("rank", "alpha", "factor", "decompose_both", "rank_dropout", "module_dropout", "conv_rank",
+             "conv_alpha"),
+    "oft": ("block_size", "constraint", "rescaled", "module_dropout"),
+    "hra": ("rank", "hra_apply_gs", "hra_lambda", "module_dropout"),
+}
+ALL_METHOD_PARAMS = method_param_names(METHOD_PARAMS)
+IMAGE_FIELDS = {
+    "dataset": ("caption_extension", "resolution", "min_bucket_resolution", "max_bucket_resolution", "bucket_step",
+                "repeats", "buckets", "no_upscale", "flip", "shuffle_caption", "keep_tokens", "caption_dropout",
+                "tag_dropout", "trigger_word", "cache_latents"),
+    "training": ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "text_encoder_lr", "optimizer",
+                 "scheduler", "warmup_steps", "mixed_precision", "gradient_checkpointing", "noise_offset",
+                 "min_snr_gamma", "loss"),
+    "sample": ("every_n_steps", "at_start", "at_end", "sampler"),
+    "save": ("every_n_steps", "keep_last", "dtype", "output_name", "activation_text"),
+}
+
+
+def check_paths(config: Config) -> None:
+    """Catch the usual path mistakes before a job is queued (the engine would fail on them a minute later)."""
+    model = config.model.path.strip()
+    if not model:
+        raise ModelError("model.path is empty; press “Use the built-in demo model” or enter a local model path")
+    if not model.startswith("builtin:") and not Path(model).exists():
+        raise ModelError(f"model.path: {model} does not exist on the server; enter a diffusers folder or a "
+                         ".safetensors checkpoint")
+    dataset = config.dataset.path.strip()
+    if not dataset:
+        raise DatasetError("dataset.path is empty; enter an image folder on the server, upload images, or press "
+                           "“Create the demo dataset”")
+    if not Path(dataset).exists():
+        raise DatasetError(f"dataset.path: {dataset} does not exist on the server; enter an existing folder or "
+                           "upload images")
+
+
+def thumbnail(path: Path, size: int = 192) -> Image.Image:
+    """A small RGB copy for the gallery (the dataset folder itself is never served to the browser)."""
+    with Image.open(path) as image:
+        image.thumbnail((size, size))
+        return image.convert("RGB")
+
+
+def preflight_markdown(report: dict[str, Any]) -> str:
+    """The pre-flight report as Markdown: problems first, then the step arithmetic."""
+    lines: list[str] = []
+    for key, value in report.items():
+        title = key.replace("_", " ")
+        if isinstance(value, list):
+            if value:
+                lines.append(f"**{title}** ({len(value)})")
+                lines += [f"- {_item(v)}" for v in value[:50]] + (["- …"] if len(value) > 50 else [])
+        elif isinstance(value, dict):
+            if value:
+                lines.append(f"**{title}**: " + ", ".join(f"{k}: {_item(v)}" for k, v in value.items()))
+        else:
+            lines.append(f"**{title}**: {value}")
+    return "\n\n".join(lines) or "*Empty report.*"
+
+
+def _item(value: Any) -> str:
+    if isinstance(value, dict):
+        return ", ".join(f"{k}: {v}" for k, v in value.items())
+    return str(value)
+
+
+class ImageTab:
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+        self.uploads = manager.runs_root / "_uploads"
+        self.form: Form = {}
+        self.build()
+
+    # ---- layout -------------------------------------------------------------------------------------------
+    def build(self) -> None:
+        f = self.form
+        self.message = gr.HTML("", elem_id="image-message")
+        with gr.Row():
+            with gr.Column(scale=3):
+                with gr.Accordion("Model", open=True):
+                    with gr.Row():
+                        f["model.path"] = widget("model.path", "base model", scale=4,
+                                                 info="a diffusers folder or one .safetensors checkpoint on the "
+                                                      "server")
+                        self.demo_model = gr.Button("Use the built-in demo model", scale=1,
+                                                    elem_id="image-use-demo-model")
+                with gr.Accordion("Dataset", open=True):
+                    with gr.Row():
+                        f["dataset.path"] = widget("dataset.path", "dataset folder", scale=4,
+                                                   info="a folder of images with same-name .txt captions")
+                        self.demo_data = gr.Button("Create the demo dataset", scale=1, elem_id="image-demo-data")
+                    self.upload = gr.File(label="…or upload images / a .zip (they go to a new folder on the "
+                                                "server)", file_count="multiple", elem_id="image-upload")
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["dataset"][:5]:
+                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["dataset"][5:10]:
+                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["dataset"][10:]:
+                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                    with gr.Row():
+                        self.lint_button = gr.Button("Check dataset (pre-flight report)", elem_id="image-lint")
+                    self.report = gr.Markdown("", elem_id="image-preflight")
+                with gr.Accordion("Caption editor", open=False):
+                    self.caption_editor()
+                with gr.Accordion("Method", open=True):
+                    with gr.Row():
+                        f["network.method"] = widget("network.method", "method", choices=list(METHOD_PARAMS))
+                        f["network.preset"] = widget("network.preset", "target layers")
+                        f["network.train_text_encoder"] = widget("network.train_text_encoder",
+                                                                 "train the text encoder too")
+                    with gr.Row():
+                        for name in ALL_METHOD_PARAMS:
+                            f[f"network.{name}"] = widget(f"network.{name}", min_width=110,
+                                                          visible=name in METHOD_PARAMS["loha"])
+                with gr.Accordion("Training", open=True):
+                    with gr.Row():
+                        f["seed"] = widget("seed", min_width=110)
+                        for name in IMAGE_FIELDS["training"][:6]:
+                            f[f"training.{name}"] = widget(f"training.{name}", min_width=110)
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["training"][6:]:
+                            f[f"training.{name}"] = widget(f"training.{name}", min_width=110)
+                with gr.Accordion("Previews", open=False):
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["sample"]:
+                            f[f"sample.{name}"] = widget(f"sample.{name}", min_width=110)
+                    f.update(prompt_widgets("image"))
+                with gr.Accordion("Saving", open=False):
+                    with gr.Row():
+                        for name in IMAGE_FIELDS["save"]:
+                            f[f"save.{name}"] = widget(f"save.{name}", min_width=110)
+                with gr.Accordion("Presets and CLI command", open=False):
+                    with gr.Row():
+                        self.preset_picker = gr.Dropdown(label="preset", choices=list_presets("image"), scale=3,
+                                                         elem_id="image-preset")
+                        self.preset_load = gr.Button("Load preset", scale=1)
+                    with gr.Row():
+                        self.preset_name = gr.Textbox(label="save the form as preset named", scale=3)
+                        self.preset_save = gr.Button("Save preset", scale=1)
+                    self.cli_button = gr.Button("Show CLI command", elem_id="image-show-cli")
+                    self.cli_command = gr.Code(label="the same run from a terminal", language="shell",
+                                               elem_id="image-cli", interactive=False)
+                self.start_button = gr.Button("Start training", variant="primary", elem_id="image-start")
+            with gr.Column(scale=2):
+                self.live = LiveView(self.manager, "image")
+        self.wire()
+
+    def caption_editor(self) -> None:
+        self.caption_paths = gr.State([])
+        self.caption_selected = gr.State(None)
+        self.caption_load = gr.Button("Load images and captions", elem_id="image-captions-load")
+        self.caption_gallery = gr.Gallery(label="images (click one to edit its caption)", columns=6, height=300,
+                                          allow_preview=False, elem_id="image-captions-gallery", interactive=False)
+        with gr.Row():
+            self.caption_text = gr.Textbox(label="caption", lines=2, scale=4, elem_id="image-caption-text")
+            self.caption_save = gr.Button("Save caption", scale=1, elem_id="image-caption-save")
+        with gr.Row():
+            self.caption_prefix = gr.Textbox(label="trigger word / prefix for every caption", scale=3)
+            self.caption_prefix_apply = gr.Button("Add to all captions", scale=1)
+        with gr.Row():
+            self.caption_find = gr.Textbox(label="find", scale=2)
+            self.caption_replace = gr.Textbox(label="replace with", scale=2)
+            self.caption_replace_apply = gr.Button("Replace in all captions", scale=1)
+
+    # ---- events -------------------------------------------------------------------------------------------
+    def wire(self) -> None:
+        f, msg = self.form, self.message
+        inputs = set(f.values())
+        self.demo_model.click(lambda: DEMO_MODEL, None, f["model.path"])
+        self.demo_data.click(guarded(msg)(self.create_demo_dataset), None, {msg, f["dataset.path"]})
+        self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
+        f["network.method"].change(self.show_method_params, f["network.method"],
+                                   [f[f"network.{name}"] for name in ALL_METHOD_PARAMS])
+        self.lint_button.click(guarded(msg)(self.lint), inputs, {msg, self.report})
+        self.cli_button.click(guarded(msg)(self.show_cli), inputs, {msg, self.cli_command})
+        self.preset_load.click(guarded(msg)(self.load_preset), inputs | {self.preset_picker}, {msg, *f.values()})
+        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name},
+                               {msg, self.preset_picker})
+        self.start_button.click(guarded(msg)(self.start), inputs, {msg, self.live.job_id, self.live.rendered})
+        ext = f["dataset.caption_extension"]
+        self.caption_load.click(guarded(msg)(self.load_captions), [f["dataset.path"], ext],
+                                {msg, self.caption_gallery, self.caption_paths, self.caption_text})
+        self.caption_gallery.select(self.select_caption, [self.caption_paths, ext],
+                                    [self.caption_selected, self.caption_text])
+        self.caption_save.click(guarded(msg)(self.save_caption), [self.caption_selected, ext, self.caption_text],
+                                {msg})
+        self.caption_prefix_apply.click(guarded(msg)(self.bulk_prefix), [f["dataset.path"], ext,
+                                                                         self.caption_prefix], {msg})
+        self.caption_replace_apply.click(guarded(msg)(self.bulk_replace),
+                                         [f["dataset.path"], ext, self.caption_find, self.caption_replace], {msg})
+
+    def config(self, data: dict[Any, Any], run_dir: str = "") -> Config:
+        values = {key: data[component] for key, component in self.form.items()}
+        return values_to_config("image", keep_method_params(values, METHOD_PARAMS),
+                                {"run_dir": run_dir} if run_dir else None)
+
+    def show_method_params(self, method: str) -> list[dict]:
+        shown = METHOD_PARAMS.get(method, ())
+        return [gr.update(visible=name in shown) for name in ALL_METHOD_PARAMS]
+
+    def start(self, data: dict[Any, Any]) -> dict:
+        config = self.config(data)
+        check_paths(config)
+        name = config.save.output_name or f"{config.network.method}-{Path(config.dataset.path).name}"
+        run_dir = self.manager.new_run_dir(name)
+        config = self.config(data, str(run_dir))
+        record = self.manager.submit(run_dir, config.to_toml(), task="image", name=name)
+        where = "started" if record.state == "running" else "queued (another run is in progress)"
+        job_id, rendered = self.live.show(record.id)
+        return {self.message: success_html(f"Run {record.name} {where}. Its folder: {run_dir}"),
+                self.live.job_id: job_id, self.live.rendered: rendered}
+
+    def show_cli(self, data: dict[Any, Any]) -> dict:
+        return {self.message: "", self.cli_command: config_to_cli(self.config(data))}
+
+    def load_preset(self, data: dict[Any, Any]) -> dict:
+        path = data[self.preset_picker]
+        if not path:
+            raise DatasetError("preset: none chosen; pick a preset in the list first")
+        values = config_to_values(load_config(path), list(self.form))
+        keep = {k for k in ("model.path", "dataset.path") if not values.get(k)}
+        return {self.message: success_html(f"Loaded preset {Path(path).stem}."),
+                **{self.form[k]: v for k, v in values.items() if k not in keep}}
+
+    def save_preset(self, data: dict[Any, Any]) -> dict:
+        path = save_preset(self.config(data), data[self.preset_name])
+        return {self.message: success_html(f"Saved preset {path}."),
+                self.preset_picker: gr.update(choices=list_presets("image"), value=str(path))}
+
+    def create_demo_dataset(self) -> dict:
+        folder = datasets.new_upload_folder(self.uploads, "demo-dataset")
+        result = run_cli(["demo", "--dataset-only", "--out", str(folder)], timeout_s=300)
+        if not result.ok:
+            raise DatasetError(result.message)
+        dataset = folder / "dataset"
+        return {self.message: success_html(f"Demo dataset created in {dataset}."), self.form["dataset.path"]:
+                str(dataset)}
+
+    def import_upload(self, files: list[str] | None) -> dict:
+        if not files:
+            return {self.message: ""}
+        result = datasets.import_uploads(files, datasets.new_upload_folder(self.uploads))
+        box = error_html if not result.images else (notice_html if result.rejected else success_html)
+        out = {self.message: box(result.summary()), self.upload: None}
+        if result.images:
+            out[self.form["dataset.path"]] = str(result.folder)
+        return out
+
+    def lint(self, data: dict[Any, Any]) -> dict:
+        config = self.config(data)
+        check_paths(config)
+        folder = datasets.new_upload_folder(self.manager.runs_root / "_lint", "config")
+        config_path = folder / "config.toml"
+        config.save(config_path)
+        result = run_cli(["lint", "--config", str(config_path), "--json"], timeout_s=600)
+        if not result.ok:
+            raise DatasetError(result.message)
+        report = json.loads(result.stdout)
+        return {self.message: "", self.report: preflight_markdown(report)}
+
+    # ---- caption editor ----------------------------------------------------------------------------------
+    def load_captions(self, folder: str, extension: str) -> dict:
+        images = datasets.list_images(folder)
+        if not images:
+            raise DatasetError(f"dataset.path: no images in {folder}; add .png/.jpg/.webp files or upload them")
+        shown = images[:MAX_GALLERY]
+        items = [(thumbnail(p), datasets.read_caption(p, extension)[:60]) for p in shown]
+        more = f" (showing the first {MAX_GALLERY})" if len(images) > MAX_GALLERY else ""
+        return {self.message: notice_html(f"{len(images)} image(s){more}. Click one to edit its caption."),
+                self.caption_gallery: items, self.caption_paths: [str(p) for p in shown], self.caption_text: ""}
+
+    def select_caption(self, paths: list[str], extension: str, event: gr.SelectData) -> tuple[str | None, str]:
+        if event.index is None or event.index >= len(paths):
+            return None, ""
+        path = paths[event.index]
+        return path, datasets.read_caption(Path(path), extension)
+
+    def save_caption(self, image: str | None, extension: str, text: str) -> dict:
+        if not image:
+            raise DatasetError("caption: no image selected; click an image in the gallery first")
+        path = datasets.save_caption(Path(image), extension, text)
+        return {self.message: success_html(f"Saved {path.name}.")}
+
+    def bulk_prefix(self, folder: str, extension: str, prefix: str) -> dict:
+        changed = datasets.add_prefix(folder, extension, prefix)
+        return {self.message: success_html(f"Added “{prefix.strip()}” to {changed} caption(s).")}
+
+    def bulk_replace(self, folder: str, extension: str, find: str, replace: str) -> dict:
+        changed = datasets.find_replace(folder, extension, find, replace)
+        return {self.message: success_html(f"Replaced “{find}” in {changed} caption(s).")}

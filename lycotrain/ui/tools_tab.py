@@ -1,0 +1,108 @@
+"""The tools tab: inspect an adapter file (method, modules, metadata, what each WebUI will do with it), merge it
+into a model, extract/convert it to a LoRA, resize a LoRA. Each runs the matching ``lycotrain`` command in a
+child process; the page shows the command, its output and the files it wrote."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import gradio as gr
+
+from lycotrain.errors import FormatError, LycotrainError
+from lycotrain.jobs import JobManager
+from lycotrain.ui.datasets import new_upload_folder, sanitize_name
+from lycotrain.ui.messages import guarded
+from lycotrain.ui.runner import CliResult, run_cli
+
+
+def chosen_file(upload: str | None, typed: str, what: str) -> str:
+    """An uploaded file wins over a typed server path; neither is an error naming the field."""
+    if upload:
+        return upload
+    if not typed or not typed.strip():
+        raise FormatError(f"{what}: no file; upload one or type a path on the server")
+    if not Path(typed.strip()).exists():
+        raise FormatError(f"{what}: {typed.strip()} does not exist on the server")
+    return typed.strip()
+
+
+def report_text(results: list[CliResult]) -> str:
+    return "\n\n".join(f"$ {r.command_line}\n{(r.stdout + r.stderr).strip()}" for r in results)
+
+
+def written_files(folder: Path) -> list[str]:
+    return sorted(str(p) for p in folder.rglob("*") if p.is_file()) if folder.is_dir() else []
+
+
+class ToolsTab:
+    def __init__(self, manager: JobManager) -> None:
+        self.out_root = manager.runs_root / "_tools"
+        self.message = gr.HTML("", elem_id="tools-message")
+        with gr.Row():
+            self.upload = gr.File(label="adapter file (.safetensors) — upload…", file_types=[".safetensors"],
+                                  elem_id="tools-upload", scale=1)
+            self.path = gr.Textbox(label="…or its path on the server", elem_id="tools-path", scale=2)
+        with gr.Tab("Inspect and check"):
+            self.inspect_button = gr.Button("Inspect", variant="primary", elem_id="tools-inspect")
+        with gr.Tab("Merge into a model"):
+            with gr.Row():
+                self.merge_model = gr.Textbox(label="base model (folder, .safetensors checkpoint or builtin:tiny-sd1)",
+                                              scale=3)
+                self.merge_multiplier = gr.Number(label="multiplier", value=1.0, scale=1)
+            self.merge_button = gr.Button("Merge", variant="primary", elem_id="tools-merge")
+        with gr.Tab("Extract / convert to LoRA"):
+            self.extract_rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1)
+            self.extract_button = gr.Button("Convert to LoRA", variant="primary", elem_id="tools-extract")
+        with gr.Tab("Resize a LoRA"):
+            self.resize_rank = gr.Number(label="new rank", value=8, precision=0, minimum=1)
+            self.resize_button = gr.Button("Resize", variant="primary", elem_id="tools-resize")
+        self.output = gr.Textbox(label="output", lines=14, max_lines=40, interactive=False, elem_id="tools-output")
+        self.files = gr.File(label="files written", file_count="multiple", interactive=False, elem_id="tools-files")
+        self.wire()
+
+    def wire(self) -> None:
+        msg, outs = self.message, {self.message, self.output, self.files}
+        source = {self.upload, self.path}
+        self.inspect_button.click(guarded(msg)(self.inspect), source, outs)
+        self.merge_button.click(guarded(msg)(self.merge), source | {self.merge_model, self.merge_multiplier}, outs)
+        self.extract_button.click(guarded(msg)(self.extract), source | {self.extract_rank}, outs)
+        self.resize_button.click(guarded(msg)(self.resize), source | {self.resize_rank}, outs)
+
+    def _source(self, data: dict[Any, Any]) -> str:
+        return chosen_file(data[self.upload], data[self.path], "adapter file")
+
+    def _finish(self, results: list[CliResult], folder: Path | None = None) -> dict:
+        failed = [r for r in results if not r.ok]
+        if failed:
+            raise LycotrainError(failed[0].message)
+        return {self.message: "", self.output: report_text(results),
+                self.files: (written_files(folder) or None) if folder else None}
+
+    def _out(self, source: str, operation: str, suffix: str = ".safetensors") -> tuple[Path, Path]:
+        folder = new_upload_folder(self.out_root, operation)
+        return folder, folder / f"{Path(sanitize_name(Path(source).name)).stem}-{operation}{suffix}"
+
+    def inspect(self, data: dict[Any, Any]) -> dict:
+        source = self._source(data)
+        return self._finish([run_cli(["inspect", source], timeout_s=300), run_cli(["check", source], timeout_s=300)])
+
+    def merge(self, data: dict[Any, Any]) -> dict:
+        source, model = self._source(data), (data[self.merge_model] or "").strip()
+        if not model:
+            raise FormatError("base model: empty; type the model folder or checkpoint to merge into")
+        folder, out = self._out(source, "merged")
+        return self._finish([run_cli(["merge", source, "--model", model, "--out", str(out), "--multiplier",
+                                      str(data[self.merge_multiplier] or 1.0)])], folder)
+
+    def extract(self, data: dict[Any, Any]) -> dict:
+        source = self._source(data)
+        folder, out = self._out(source, "lora")
+        return self._finish([run_cli(["extract", source, "--rank", str(int(data[self.extract_rank] or 16)),
+                                      "--out", str(out)])], folder)
+
+    def resize(self, data: dict[Any, Any]) -> dict:
+        source = self._source(data)
+        folder, out = self._out(source, "resized")
+        return self._finish([run_cli(["resize", source, "--rank", str(int(data[self.resize_rank] or 8)),
+                                      "--out", str(out)])], folder)

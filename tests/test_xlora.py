@@ -1,0 +1,118 @@
+"""X-LoRA: experts frozen, scalings sum to 1 under softmax, top-k zeroes the rest, the mixed layer equals the
+per-expert formula (and PEFT's X-LoRA forward), only the classifier trains, save -> reload is identical."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from text_helpers import load_model, token_batch
+
+from lycotrain.adapters.xlora import expert_scalings, mixed_lora, top_k_scalings
+from lycotrain.errors import AdapterError, FormatError
+from lycotrain.text.adapter_set import attach_lora, attach_xlora, load_adapter
+
+
+def _experts(tmp_path, n: int = 2, targets=(["q_proj", "v_proj"], ["v_proj", "o_proj"])) -> list:
+    folders = []
+    for index in range(n):
+        torch.manual_seed(index + 1)
+        model = load_model()
+        lora = attach_lora(model, target_modules=targets[index % len(targets)], rank=4, alpha=8)
+        for module in lora.modules.values():
+            torch.nn.init.normal_(module.lora_up.weight, std=0.2)
+        folders.append(lora.save(tmp_path / f"expert{index}"))
+    return folders
+
+
+def test_scalings_softmax_and_top_k():
+    logits = torch.randn(2, 5, 3)
+    scalings = expert_scalings(logits, n_layers=4, n_experts=3, layerwise=False, temperature=0.5)
+    assert scalings.shape == (2, 5, 4, 3)
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(2, 5, 4))
+    top = top_k_scalings(scalings, k=1)
+    assert torch.all((top != 0).sum(-1) == 1)
+    assert torch.equal(top.max(-1).values, scalings.max(-1).values)
+    renormalised = top_k_scalings(scalings, k=2, softmax_top_k=True)
+    assert torch.all((renormalised != 0).sum(-1) == 2)
+    torch.testing.assert_close(renormalised.sum(-1), torch.ones(2, 5, 4))
+
+
+def test_mixed_lora_equals_per_expert_sum():
+    x = torch.randn(2, 5, 16)
+    a = [torch.randn(4, 16), torch.randn(2, 16)]
+    b = [torch.randn(24, 4), torch.randn(24, 2)]
+    scales = [2.0, 0.5]
+    s = torch.softmax(torch.randn(2, 5, 2), -1)
+    expected = sum((x * s[..., e:e + 1]) @ a[e].T @ b[e].T * scales[e] for e in range(2))
+    got = mixed_lora(x, torch.cat(a), torch.cat(b, dim=1), torch.tensor([2.0] * 4 + [0.5] * 2),
+                     torch.tensor([0] * 4 + [1] * 2), s)
+    torch.testing.assert_close(got, expected, atol=1e-4, rtol=1e-5)
+
+
+def test_matches_peft_xlora_forward(tmp_path):
+    from peft import XLoraConfig, get_peft_model
+
+    folders = _experts(tmp_path)
+    base = load_model()
+    base.config.use_cache = False
+    config = XLoraConfig(task_type="CAUSAL_LM", hidden_size=base.config.hidden_size, xlora_depth=1,
+                         adapters={str(i): str(f) for i, f in enumerate(folders)})
+    theirs = get_peft_model(base, config).eval()
+    model = load_model()
+    ours = attach_xlora(model, experts=folders)
+    classifier = theirs.base_model.internal_xlora_classifier
+    ours.xlora.classifier.load_state_dict(classifier.state_dict(), strict=False)
+    assert ours.xlora.classifier.n_layers == classifier.n_layers
+    ids = token_batch()
+    with torch.no_grad():
+        torch.testing.assert_close(ours.runner(ids).logits, theirs(input_ids=ids).logits, atol=1e-5, rtol=0)
+
+
+def test_experts_frozen_only_classifier_trains(tmp_path):
+    model = load_model()
+    adapters = attach_xlora(model, experts=_experts(tmp_path), layerwise=True, depth=2, size=16,
+                            classifier_dropout=0.0)
+    adapters.train()
+    experts_before = {k: v.clone() for k, v in model.state_dict().items()}
+    optimizer = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-2)
+    ids = token_batch()
+    for _ in range(3):
+        adapters.runner(ids, labels=ids).loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in experts_before.items())
+    assert not any(p.requires_grad for p in model.parameters())
+    scalings = adapters.xlora.latest_scalings
+    assert scalings.shape == (2, 12, len(adapters.modules), 2)
+    torch.testing.assert_close(scalings.sum(-1), torch.ones(scalings.shape[:-1]))
+
+
+def test_save_reload_identical_with_relative_expert_paths(tmp_path):
+    model = load_model()
+    adapters = attach_xlora(model, experts=_experts(tmp_path), top_k=1)
+    torch.nn.init.normal_(adapters.xlora.classifier.layers[0].weight)
+    adapters.train(False)
+    ids = token_batch()
+    with torch.no_grad():
+        before = adapters.runner(ids).logits
+    saved = adapters.save(tmp_path / "run" / "adapter")
+    config = json.loads((saved / "adapter_config.json").read_text())
+    assert config["adapters"] == {"0": "experts/0", "1": "experts/1"}
+    moved = tmp_path / "moved"
+    saved.rename(moved)  # the folder is self-contained: experts travel with it
+    for index in range(2):
+        (tmp_path / f"expert{index}" / "adapter_config.json").unlink()
+    reloaded = load_adapter(load_model(), moved)
+    reloaded.train(False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.runner(ids).logits, before, atol=0, rtol=0)
+
+
+def test_needs_two_lora_experts(tmp_path):
+    folders = _experts(tmp_path, n=1)
+    with pytest.raises(AdapterError, match="two or more"):
+        attach_xlora(load_model(), experts=folders)
+    with pytest.raises(FormatError, match="LoRA"):
+        attach_xlora(load_model(), experts=[folders[0], tmp_path / "nothing"])

@@ -55,13 +55,20 @@ def parse_auth(text: str | None) -> tuple[str, str] | None:
     return user, password
 
 
+def exposure_warning(host: str, credentials: tuple[str, str] | None) -> str | None:
+    if is_loopback(host) or credentials is not None:
+        return None
+    return (f"warning: listening on {host} without --auth: anyone who can reach this machine can start training "
+            "jobs and read files the server can read. Add --auth USER:PASSWORD.")
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, auth: str | None = None, share: bool = False,
           runs_root: str | Path = "runs", block: bool = True) -> gr.Blocks:
     """Start the job scheduler and the web server; warn when the app is reachable from the network unguarded."""
     credentials = parse_auth(auth)
-    if not is_loopback(host) and credentials is None:
-        print(f"warning: listening on {host} without --auth: anyone who can reach this machine can start "
-              "training jobs and read files the server can read. Add --auth USER:PASSWORD.", flush=True)
+    warning = exposure_warning(host, credentials)
+    if warning:
+        print(warning, flush=True)
     manager = JobManager(runs_root)
     manager.start_background()
     app = build_app(manager)

@@ -3,7 +3,6 @@ settings, presets, the CLI command, Start, and the live view of the run."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +10,7 @@ import gradio as gr
 from PIL import Image
 
 from lycotrain.engine.config import Config, config_to_cli, load_config
+from lycotrain.diffusion.demo_data import make_demo_dataset
 from lycotrain.errors import DatasetError, ModelError
 from lycotrain.jobs import JobManager
 from lycotrain.ui import datasets
@@ -23,6 +23,7 @@ from lycotrain.ui.runner import run_cli
 
 DEMO_MODEL = "builtin:tiny-sd1"
 MAX_GALLERY = 500
+LINT_USABLE = (0, 1)  # `lycotrain lint` exit codes: clean, problems listed; 2 means unusable
 
 # The network fields each method reads (engine/config.py); the others are hidden and left at their defaults.
 METHOD_PARAMS: dict[str, tuple[str, ...]] = {
@@ -68,29 +69,6 @@ def thumbnail(path: Path, size: int = 192) -> Image.Image:
     with Image.open(path) as image:
         image.thumbnail((size, size))
         return image.convert("RGB")
-
-
-def preflight_markdown(report: dict[str, Any]) -> str:
-    """The pre-flight report as Markdown: problems first, then the step arithmetic."""
-    lines: list[str] = []
-    for key, value in report.items():
-        title = key.replace("_", " ")
-        if isinstance(value, list):
-            if value:
-                lines.append(f"**{title}** ({len(value)})")
-                lines += [f"- {_item(v)}" for v in value[:50]] + (["- …"] if len(value) > 50 else [])
-        elif isinstance(value, dict):
-            if value:
-                lines.append(f"**{title}**: " + ", ".join(f"{k}: {_item(v)}" for k, v in value.items()))
-        else:
-            lines.append(f"**{title}**: {value}")
-    return "\n\n".join(lines) or "*Empty report.*"
-
-
-def _item(value: Any) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {v}" for k, v in value.items())
-    return str(value)
 
 
 class ImageTab:
@@ -260,13 +238,9 @@ class ImageTab:
                 self.preset_picker: gr.update(choices=list_presets("image"), value=str(path))}
 
     def create_demo_dataset(self) -> dict:
-        folder = datasets.new_upload_folder(self.uploads, "demo-dataset")
-        result = run_cli(["demo", "--dataset-only", "--out", str(folder)], timeout_s=300)
-        if not result.ok:
-            raise DatasetError(result.message)
-        dataset = folder / "dataset"
-        return {self.message: success_html(f"Demo dataset created in {dataset}."), self.form["dataset.path"]:
-                str(dataset)}
+        folder = make_demo_dataset(datasets.new_upload_folder(self.uploads, "demo-dataset"))
+        return {self.message: success_html(f"Demo dataset created in {folder} (10 shapes with captions)."),
+                self.form["dataset.path"]: str(folder)}
 
     def import_upload(self, files: list[str] | None) -> dict:
         if not files:
@@ -279,16 +253,16 @@ class ImageTab:
         return out
 
     def lint(self, data: dict[Any, Any]) -> dict:
+        """The pre-flight report with the step arithmetic, from ``lycotrain lint`` (it needs torch: a child)."""
         config = self.config(data)
         check_paths(config)
-        folder = datasets.new_upload_folder(self.manager.runs_root / "_lint", "config")
-        config_path = folder / "config.toml"
+        config_path = datasets.new_upload_folder(self.manager.runs_root / "_lint", "config") / "config.toml"
         config.save(config_path)
-        result = run_cli(["lint", "--config", str(config_path), "--json"], timeout_s=600)
-        if not result.ok:
+        result = run_cli(["lint", config.dataset.path, "--config", str(config_path)], timeout_s=600)
+        if result.returncode not in LINT_USABLE:
             raise DatasetError(result.message)
-        report = json.loads(result.stdout)
-        return {self.message: "", self.report: preflight_markdown(report)}
+        verdict = "No problems found." if result.returncode == 0 else "Problems found (the dataset is still usable):"
+        return {self.message: "", self.report: f"**{verdict}**\n\n```\n{result.stdout.strip()}\n```"}
 
     # ---- caption editor ----------------------------------------------------------------------------------
     def load_captions(self, folder: str, extension: str) -> dict:

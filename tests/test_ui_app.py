@@ -1,0 +1,86 @@
+"""The app stays light (no torch in its process), warns when exposed without a login, and its live view renders
+a run from its events, re-rendering only what changed."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from lycotrain.engine.events import EventWriter
+from lycotrain.errors import ConfigError
+from lycotrain.jobs import JobManager, JobRecord
+from lycotrain.ui import app as ui_app
+from lycotrain.ui import live
+
+HEAVY = ("torch", "diffusers", "transformers", "accelerate", "safetensors.torch")
+
+
+def test_building_the_app_never_imports_heavy_libraries(tmp_path: Path) -> None:
+    code = ("import sys; from lycotrain.jobs import JobManager; from lycotrain.ui.app import build_app; "
+            f"build_app(JobManager({str(tmp_path)!r})); "
+            f"print([m for m in {HEAVY!r} if m in sys.modules])")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_exposure_warning_and_auth() -> None:
+    assert ui_app.is_loopback("127.0.0.1") and ui_app.is_loopback("localhost") and ui_app.is_loopback("::1")
+    assert not ui_app.is_loopback("0.0.0.0")
+    assert ui_app.exposure_warning("127.0.0.1", None) is None
+    assert "--auth" in ui_app.exposure_warning("0.0.0.0", None)
+    assert ui_app.exposure_warning("0.0.0.0", ("a", "b")) is None
+    assert ui_app.parse_auth("alice:s3:cret") == ("alice", "s3:cret")
+    assert ui_app.parse_auth(None) is None
+    with pytest.raises(ConfigError, match="--auth"):
+        ui_app.parse_auth("alice")
+
+
+def _fake_run(manager: JobManager, state: str = "running") -> JobRecord:
+    run_dir = manager.new_run_dir("loha-demo")
+    record = JobRecord(id=run_dir.name, run_dir=str(run_dir), task="image", name="loha-demo", state=state)
+    (run_dir / "job.json").write_text(json.dumps(record.__dict__))
+    events = EventWriter(run_dir)
+    events.emit("start", run_dir=str(run_dir), task="image", method="loha", total_steps=10, config={})
+    for step in (1, 2, 3):
+        events.emit("step", step=step, total_steps=10, epoch=0, loss=0.5 / step, lr=1e-4, it_s=2.5, eta_s=2.8)
+    (run_dir / "previews").mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (8, 8)).save(run_dir / "previews" / "p.png")
+    events.emit("preview", step=3, images=["previews/p.png"])
+    events.emit("warning", message="2 images have no caption <b>")
+    return record
+
+
+def test_live_view_renders_and_skips_what_did_not_change(tmp_path: Path) -> None:
+    manager = JobManager(tmp_path / "runs")
+    record = _fake_run(manager)
+    with gr.Blocks():
+        view = live.LiveView(manager, "image")
+    job, rendered, picker, progress, messages, plot, previews, details, downloads = view.refresh(None, {})
+    assert job == record.id  # a fresh page attaches to the running job
+    assert "step 3 / 10" in progress and "2.50 it/s" in progress and "ETA 0:03" in progress
+    assert list(plot["step"]) == [1, 2, 3]
+    assert previews == [(str(Path(record.run_dir) / "previews/p.png"), "step 3")]
+    assert "&lt;b&gt;" in messages  # escaped, shown
+    again = view.refresh(job, rendered)
+    assert again[5] is not None and isinstance(again[5], type(gr.skip()))  # plot unchanged: skipped
+    EventWriter(record.run_dir).emit("step", step=4, total_steps=10, epoch=0, loss=0.1, lr=1e-4, it_s=2, eta_s=3)
+    assert list(view.refresh(job, again[1])[5]["step"]) == [1, 2, 3, 4]
+
+
+def test_downloads_list_files_of_output_folders(tmp_path: Path) -> None:
+    (tmp_path / "adapter").mkdir()
+    (tmp_path / "adapter" / "adapter_model.safetensors").write_bytes(b"x")
+    (tmp_path / "a.safetensors").write_bytes(b"x")
+    view = live.RunView(outputs={"adapter": str(tmp_path / "adapter"), "file": str(tmp_path / "a.safetensors"),
+                                 "gone": str(tmp_path / "missing")})
+    assert live.download_files(view) == [str(tmp_path / "adapter" / "adapter_model.safetensors"),
+                                         str(tmp_path / "a.safetensors")]
+    assert live.format_duration(3725) == "1:02:05" and live.format_duration(None) == "—"

@@ -1,0 +1,79 @@
+"""Uploads are untrusted: names sanitized, zip-slip refused, non-images rejected with a reason; the caption
+editor's bulk operations change exactly the captions they should."""
+
+from __future__ import annotations
+
+import io
+import zipfile
+from pathlib import Path
+
+from PIL import Image
+
+from lycotrain.ui import datasets
+
+
+def _png(color: str = "red") -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (8, 8), color).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_names_are_reduced_to_safe_file_names() -> None:
+    assert datasets.sanitize_name("../../etc/passwd") == "passwd"
+    assert datasets.sanitize_name("C:\\Users\\x\\cat photo.png") == "cat photo.png"
+    assert datasets.sanitize_name(".hidden") == "hidden"
+    assert datasets.sanitize_name("a<b>|c.png") == "a_b__c.png"
+    assert datasets.sanitize_name("..") == "file"
+    assert datasets.safe_relative("../evil.png") is None
+    assert datasets.safe_relative("/abs/evil.png") is None
+    assert datasets.safe_relative("sub/../../evil.png") is None
+    assert str(datasets.safe_relative("10_cat/img 1.png")) == "10_cat/img 1.png"
+
+
+def test_upload_keeps_images_and_their_captions_and_rejects_the_rest(tmp_path: Path) -> None:
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "cat.png").write_bytes(_png())
+    (src / "cat.txt").write_text("a cat")
+    (src / "notes.txt").write_text("not a caption of anything")
+    (src / "fake.png").write_text("this is text, not a png")
+    dest = tmp_path / "dest"
+    result = datasets.import_uploads([str(p) for p in sorted(src.iterdir())], dest)
+    assert result.images == ["cat.png"] and result.captions == ["cat.txt"]
+    reasons = dict(result.rejected)
+    assert "not a readable image" in reasons["fake.png"]
+    assert "without an image" in reasons["notes.txt"]
+    assert sorted(p.name for p in dest.iterdir()) == ["cat.png", "cat.txt"]
+    assert "rejected `fake.png`" in result.summary()
+
+
+def test_zip_slip_entries_are_never_written(tmp_path: Path) -> None:
+    archive = tmp_path / "data.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("../escape.png", _png())
+        z.writestr("/abs.png", _png())
+        z.writestr("5_dog/dog.png", _png("blue"))
+        z.writestr("5_dog/dog.txt", "a dog")
+        z.writestr("readme.md", "hello")
+    dest = tmp_path / "uploads" / "one"
+    result = datasets.import_uploads([str(archive)], dest)
+    assert result.images == ["5_dog/dog.png"] and result.captions == ["5_dog/dog.txt"]
+    assert len(result.rejected) == 3
+    assert not (tmp_path / "uploads" / "escape.png").exists() and not Path("/abs.png").exists()
+    assert all("zip-slip" in reason for name, reason in result.rejected if "escape" in name or "abs" in name)
+
+
+def test_caption_editor_prefix_and_find_replace(tmp_path: Path) -> None:
+    for name, caption in (("a", "red circle"), ("b", "lyco, blue square"), ("c", None)):
+        (tmp_path / f"{name}.png").write_bytes(_png())
+        if caption is not None:
+            (tmp_path / f"{name}.txt").write_text(caption)
+    assert datasets.add_prefix(tmp_path, ".txt", "lyco") == 2  # b already starts with it
+    assert datasets.add_prefix(tmp_path, ".txt", "lyco") == 0  # idempotent
+    assert datasets.read_caption(tmp_path / "a.png", ".txt") == "lyco, red circle"
+    assert datasets.read_caption(tmp_path / "c.png", ".txt") == "lyco"
+    assert datasets.find_replace(tmp_path, ".txt", "circle", "ring") == 1
+    assert datasets.read_caption(tmp_path / "a.png", ".txt") == "lyco, red ring"
+    datasets.save_caption(tmp_path / "b.png", ".txt", "  edited  ")
+    assert (tmp_path / "b.txt").read_text() == "edited\n"
+    assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries

@@ -1,0 +1,62 @@
+"""The form speaks the config schema: widgets from its metadata, values validated by Config.from_dict, and a
+preset saved from the form loads back into the same form values."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+import pytest
+
+from lycotrain.engine.config import load_config
+from lycotrain.errors import ConfigError
+from lycotrain.ui import forms, presets
+from lycotrain.ui.image_tab import METHOD_PARAMS
+
+
+def _values(**changes) -> dict:
+    values = {"model.path": "builtin:tiny-sd1", "dataset.path": "/data", "network.method": "oft",
+              "network.rank": 4, "network.block_size": 16, "training.max_steps": 10, "training.lr": 1e-3,
+              "sample.prompts": "a red circle\na blue square", "sample.negative_prompt": "blurry",
+              "sample.prompt_steps": 8, "sample.cfg": 5.0, "sample.size": 64, "sample.prompt_seed": 3}
+    values.update(changes)
+    return values
+
+
+def test_widgets_follow_the_schema() -> None:
+    with gr.Blocks():
+        method = forms.widget("network.method")
+        rank = forms.widget("network.rank")
+        flip = forms.widget("dataset.flip")
+    assert isinstance(method, gr.Dropdown) and ("loha", "loha") in method.choices
+    assert isinstance(rank, gr.Number) and rank.precision == 0 and rank.minimum == 1 and rank.value == 8
+    assert isinstance(flip, gr.Checkbox)
+
+
+def test_values_become_a_validated_config_with_only_the_method_params() -> None:
+    values = forms.keep_method_params(_values(), METHOD_PARAMS)
+    assert "network.rank" not in values and values["network.block_size"] == 16
+    config = forms.values_to_config("image", values, {"run_dir": "/runs/x"})
+    assert config.network.block_size == 16 and config.network.rank == 8  # rank left at its default
+    assert [p.prompt for p in config.sample.prompts] == ["a red circle", "a blue square"]
+    assert config.sample.prompts[1].negative_prompt == "blurry" and config.sample.prompts[0].width == 64
+
+
+@pytest.mark.parametrize("changes, field", [({"network.method": "lora", "network.rank": 0}, "network.rank"),
+                                            ({"training.lr": None}, "training.lr"),
+                                            ({"sample.size": 60}, "sample.prompts[0].width")])
+def test_bad_values_name_the_field(changes: dict, field: str) -> None:
+    with pytest.raises(ConfigError, match=field.replace("[", r"\[").replace("]", r"\]")):
+        forms.values_to_config("image", forms.keep_method_params(_values(**changes), METHOD_PARAMS))
+
+
+def test_a_saved_preset_loads_back_into_the_same_form(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path))
+    values = forms.keep_method_params(_values(), METHOD_PARAMS)
+    config = forms.values_to_config("image", dict(values))
+    path = presets.save_preset(config, "my/oft preset")
+    assert path.parent == tmp_path / "presets" and path.name == "oft preset.toml"
+    assert ("oft preset (mine)", str(path)) in presets.list_presets("image")
+    assert presets.list_presets("text") == []
+    loaded = forms.config_to_values(load_config(path), list(values))
+    assert loaded == {k: v for k, v in values.items()}

@@ -4,8 +4,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from PIL import Image
+from typing import Any, Iterator
 
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from lycotrain.diffusion.dataset import ImageDataset, collate
 from lycotrain.engine.config import DatasetConfig
 
 
@@ -30,3 +34,9 @@ def small_config(path: Path | str, **fields) -> DatasetConfig:
     """A dataset config with buckets sized for 32-64 px images."""
     base = dict(path=str(path), resolution=32, min_bucket_resolution=16, max_bucket_resolution=64, bucket_step=8)
     return DatasetConfig(**{**base, **fields})
+
+
+def epoch_batches(dataset: ImageDataset, batch_size: int, epoch: int = 0, skip: int = 0) -> Iterator[dict[str, Any]]:
+    """Collated batches of ``epoch`` from batch ``skip`` on, loaded the way the training loop loads them."""
+    batches = dataset.sampler(batch_size).epoch_batches(epoch)[skip:]
+    return iter(DataLoader(dataset, batch_sampler=batches, collate_fn=collate))

@@ -72,11 +72,10 @@ def test_no_upscale_small_image_gets_its_own_bucket_and_a_too_narrow_one_none():
     assert upscaled.scale > 1 and upscaled.on_grid
 
 
-def _sampler(seed=0, batch_size=3, replicas=1, rank=0):
+def _sampler(seed=0, batch_size=3):
     buckets = [(64, 64)] * 7 + [(80, 48)] * 4 + [(48, 80)] * 2
     repeats = [1, 2, 1, 1, 3, 1, 1, 2, 1, 1, 1, 5, 1]
-    return BucketBatchSampler(buckets, repeats, batch_size=batch_size, seed=seed, num_replicas=replicas,
-                              rank=rank), buckets, repeats
+    return BucketBatchSampler(buckets, repeats, batch_size=batch_size, seed=seed), buckets, repeats
 
 
 def test_each_item_appears_repeats_times_in_single_bucket_batches():
@@ -98,16 +97,6 @@ def test_order_is_a_function_of_seed_and_epoch():
     assert first.epoch_batches(0) == second.epoch_batches(0)
     assert first.epoch_batches(0) != first.epoch_batches(1)
     assert first.epoch_batches(0) != other_seed.epoch_batches(0)
-
-
-def test_ranks_get_equal_counts_and_together_cover_the_epoch():
-    full = _sampler()[0].global_batches(0)
-    ranks = [_sampler(replicas=3, rank=r)[0] for r in range(3)]
-    shares = [s.epoch_batches(0) for s in ranks]
-    assert len({len(share) for share in shares}) == 1 and all(len(s) == len(share) for s, share in zip(ranks, shares))
-    items = Counter(ref.item for share in shares for batch in share for ref in batch)
-    assert set(items) == {ref.item for batch in full for ref in batch}
-    assert sum(len(share) for share in shares) == math.ceil(len(full) / 3) * 3
 
 
 def test_sampler_rng_does_not_touch_global_random():

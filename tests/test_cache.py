@@ -8,7 +8,7 @@ import torch
 from diffusers import AutoencoderKL
 from PIL import Image
 
-from _dataset_images import small_config, write_image, write_images
+from _dataset_images import epoch_batches, small_config, write_image, write_images
 from lycotrain.diffusion.cache import LatentCache, TextEncoderCache, encode_latents, fill_latent_cache, \
     fill_text_cache, model_identity
 from lycotrain.diffusion.dataset import ImageDataset
@@ -37,7 +37,7 @@ class CountingVAE:
 
 
 def _epoch(dataset: ImageDataset) -> list[dict]:
-    return list(dataset.loader(2))
+    return list(epoch_batches(dataset, 2))
 
 
 def test_second_epoch_and_second_run_encode_nothing(tmp_path):
@@ -62,9 +62,9 @@ def test_cached_latents_equal_fresh_encodes(tmp_path):
     write_image(tmp_path / "data" / "a.png", size=(48, 32), caption="a")
     vae = tiny_vae()
     dataset = ImageDataset.from_config(small_config(tmp_path / "data"))
-    fresh = next(iter(dataset.loader(1)))
+    fresh = next(epoch_batches(dataset, 1))
     fill_latent_cache(dataset, LatentCache.for_vae(tmp_path / "cache", vae), vae)
-    cached = next(iter(dataset.loader(1)))
+    cached = next(epoch_batches(dataset, 1))
     expected = encode_latents(vae, fresh["pixel_values"])
     assert cached["latents"].shape == (1, 4, fresh["pixel_values"].shape[2] // 8, fresh["pixel_values"].shape[3] // 8)
     torch.testing.assert_close(cached["latents"], expected)
@@ -134,7 +134,7 @@ def test_text_encoder_cache(tmp_path):
     cache = TextEncoderCache.for_encoders(tmp_path / "cache", encoder, extra="clip_skip=1")
     assert fill_text_cache(dataset, cache, encode) == 2  # "t, a cat" and the dropped-out ""
     assert calls == [["", "t, a cat"]]
-    for batch in dataset.loader(3):
+    for batch in epoch_batches(dataset, 3):
         lengths = [float(len(c)) for c in batch["captions"]]
         assert batch["text_embeds"]["hidden"].shape == (3, 2, 5)
         assert batch["text_embeds"]["pooled"][:, 0].tolist() == lengths

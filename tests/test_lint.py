@@ -72,7 +72,7 @@ def test_step_arithmetic(tmp_path):
     dataset = ImageDataset.from_config(small_config(tmp_path))
     report = lint_dataset(dataset, batch_size=4, grad_accum=3, epochs=5)
     steps = report.steps
-    assert steps.batches_per_epoch == math.ceil(30 / 4) + math.ceil(3 / 4) == 9 == len(dataset.loader(4))
+    assert steps.batches_per_epoch == math.ceil(30 / 4) + math.ceil(3 / 4) == 9 == len(dataset.sampler(4))
     assert steps.steps_per_epoch == 3 and steps.total_steps == 15 and steps.epochs == 5
     assert "30 samples / batch 4 = 8 batches" in "\n".join(steps.arithmetic)
     assert "optimizer steps per epoch = ceil(9 / grad_accum 3) = 3" in steps.arithmetic
@@ -80,7 +80,7 @@ def test_step_arithmetic(tmp_path):
     capped = lint_dataset(dataset, batch_size=4, grad_accum=3, epochs=5, max_steps=7).steps
     assert capped.total_steps == 7 and capped.epochs == 3
     two = lint_dataset(dataset, batch_size=4, num_processes=2).steps
-    assert two.batches_per_epoch == 5 == len(dataset.loader(4, num_replicas=2, rank=1))
+    assert two.batches_per_epoch == 5 == math.ceil(len(dataset.sampler(4)) / 2)
     assert [f.samples for f in report.folders] == [30, 3] and [f.repeats for f in report.folders] == [10, 3]
 
 

@@ -6,7 +6,7 @@ bucket: with ``no_upscale`` an image smaller than every grid bucket gets its own
 down to ``step``) instead of being enlarged, and only an image narrower than one ``step`` is left out.
 
 Batches are drawn per bucket (a batch never mixes sizes). The order is a pure function of (seed, epoch), so
-the sampler state to save for an exact resume is just (epoch, batch index).
+the state to save for an exact resume is just (epoch, batches done).
 """
 
 from __future__ import annotations
@@ -105,21 +105,18 @@ class SampleRef:
 class BucketBatchSampler:
     """Per-bucket batches in a seeded order; each item appears ``repeats[item]`` times per epoch.
 
-    With several processes the epoch's batch list is padded (by wrapping around) to a multiple of
-    ``num_replicas`` and rank ``r`` takes every ``num_replicas``-th batch starting at ``r``, so all ranks run
-    the same number of steps. The last batch of a bucket may be smaller than ``batch_size``.
+    The last batch of a bucket may be smaller than ``batch_size``. Sharding over processes is the training
+    loop's job (it pads the epoch's list by wrapping around and deals batches out round-robin).
     """
 
-    def __init__(self, buckets: list[Size], repeats: list[int], batch_size: int, seed: int,
-                 num_replicas: int = 1, rank: int = 0) -> None:
+    def __init__(self, buckets: list[Size], repeats: list[int], batch_size: int, seed: int) -> None:
         if len(buckets) != len(repeats):
             raise ValueError("one bucket and one repeat count per item")
         self.buckets, self.repeats = buckets, repeats
         self.batch_size, self.seed = batch_size, seed
-        self.num_replicas, self.rank = num_replicas, rank
 
-    def global_batches(self, epoch: int) -> list[list[SampleRef]]:
-        """All batches of ``epoch`` (every rank's), in training order."""
+    def epoch_batches(self, epoch: int) -> list[list[SampleRef]]:
+        """All batches of ``epoch``, in training order."""
         rng = random.Random(f"{self.seed}:{epoch}")
         by_bucket: dict[Size, list[int]] = {}
         for item, (bucket, count) in enumerate(zip(self.buckets, self.repeats)):
@@ -130,19 +127,11 @@ class BucketBatchSampler:
             rng.shuffle(items)
             batches += [items[i:i + self.batch_size] for i in range(0, len(items), self.batch_size)]
         rng.shuffle(batches)
-        if batches and len(batches) % self.num_replicas:
-            pad = self.num_replicas - len(batches) % self.num_replicas
-            batches += [batches[i % len(batches)] for i in range(pad)]
         return [[SampleRef(item, rng.getrandbits(63)) for item in batch] for batch in batches]
 
-    def epoch_batches(self, epoch: int) -> list[list[SampleRef]]:
-        """This rank's batches of ``epoch``."""
-        return self.global_batches(epoch)[self.rank::self.num_replicas]
-
     def __len__(self) -> int:
-        """Batches per epoch on this rank."""
+        """Batches per epoch."""
         counts: dict[Size, int] = {}
         for bucket, count in zip(self.buckets, self.repeats):
             counts[bucket] = counts.get(bucket, 0) + count
-        total = sum(math.ceil(n / self.batch_size) for n in counts.values())
-        return math.ceil(total / self.num_replicas)
+        return sum(math.ceil(n / self.batch_size) for n in counts.values())

@@ -8,13 +8,15 @@ scan result, which the pre-flight report (``lint.py``) shows before every run.
 Engine use::
 
     dataset = ImageDataset.from_config(config.dataset, seed=config.seed)
-    loader = dataset.loader(batch_size, num_replicas=world_size, rank=rank)   # state_dict()/load_state_dict()
-    for batch in loader: ...   # see ``collate`` for the batch format
+    batches = dataset.sampler(batch_size).epoch_batches(epoch)   # a pure function of (seed, epoch)
+    loader = DataLoader(dataset, batch_sampler=batches[done:], collate_fn=collate)   # see ``collate``
+
+Exact resume needs only (epoch, batches done): the batch order and every sample's flip, crop and caption
+draw come from the seed, never from the global RNG.
 """
 
 from __future__ import annotations
 
-import hashlib
 import os
 import random
 import re
@@ -22,12 +24,12 @@ import tomllib
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from lycotrain.diffusion.buckets import BucketBatchSampler, BucketOptions, Placement, SampleRef, bucket_grid, \
     place_image
@@ -418,20 +420,11 @@ class ImageDataset(Dataset):
         self.text_cache = cache
 
     # ---- batches ------------------------------------------------------------------------------------------
-    def fingerprint(self) -> str:
-        """Changes when the images, their repeats or their buckets change (a resume would not be exact)."""
-        digest = hashlib.sha256()
-        for record in self.records:
-            digest.update(f"{record.pixel_hash}:{self.subset_of(record).repeats}:{record.placement}\n".encode())
-        return digest.hexdigest()[:16]
-
-    def sampler(self, batch_size: int, num_replicas: int = 1, rank: int = 0) -> BucketBatchSampler:
+    def sampler(self, batch_size: int) -> BucketBatchSampler:
+        """Per-bucket batches of ``SampleRef``; ``epoch_batches(epoch)`` depends only on (seed, epoch)."""
         return BucketBatchSampler([r.placement.bucket for r in self.records],  # type: ignore[union-attr]
                                   [self.subset_of(r).repeats for r in self.records],
-                                  batch_size=batch_size, seed=self.seed, num_replicas=num_replicas, rank=rank)
-
-    def loader(self, batch_size: int, num_replicas: int = 1, rank: int = 0, num_workers: int = 0) -> "BucketLoader":
-        return BucketLoader(self, self.sampler(batch_size, num_replicas, rank), num_workers=num_workers)
+                                  batch_size=batch_size, seed=self.seed)
 
 
 def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
@@ -459,42 +452,3 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
         batch["text_embeds"] = {name: torch.stack([s["text_embeds"][name] for s in samples])
                                 for name in samples[0]["text_embeds"]}
     return batch
-
-
-class BucketLoader:
-    """Iterates one epoch per ``for`` loop, from where it stopped; ``state_dict()`` resumes exactly.
-
-    The position counts batches handed to the caller (not batches prefetched by workers), so a checkpoint
-    taken between two steps resumes with the next unseen batch, with the same flips, crops and captions.
-    """
-
-    def __init__(self, dataset: ImageDataset, sampler: BucketBatchSampler, num_workers: int = 0) -> None:
-        self.dataset, self.sampler, self.num_workers = dataset, sampler, num_workers
-        self.epoch, self.batch_index = 0, 0
-
-    def __len__(self) -> int:
-        return len(self.sampler)
-
-    def __iter__(self) -> Iterator[dict[str, Any]]:
-        if self.batch_index >= len(self):  # the caller stopped right after the last batch of an epoch
-            self.epoch, self.batch_index = self.epoch + 1, 0
-        batches = self.sampler.epoch_batches(self.epoch)[self.batch_index:]
-        loader = DataLoader(self.dataset, batch_sampler=batches, collate_fn=collate, num_workers=self.num_workers)
-        for batch in loader:
-            self.batch_index += 1
-            yield batch
-        self.epoch, self.batch_index = self.epoch + 1, 0
-
-    def state_dict(self) -> dict[str, Any]:
-        return {"epoch": self.epoch, "batch_index": self.batch_index, "seed": self.sampler.seed,
-                "batch_size": self.sampler.batch_size, "num_replicas": self.sampler.num_replicas,
-                "dataset": self.dataset.fingerprint()}
-
-    def load_state_dict(self, state: dict[str, Any]) -> None:
-        mine = self.state_dict()
-        changed = [k for k in ("seed", "batch_size", "num_replicas", "dataset") if state.get(k) != mine[k]]
-        if changed:
-            raise DatasetError(f"cannot resume the data order exactly: {', '.join(changed)} changed since the "
-                               "checkpoint (the dataset's images, repeats or buckets, or the seed/batch size/process"
-                               " count); resume with the same settings, or start a new run")
-        self.epoch, self.batch_index = state["epoch"], state["batch_index"]

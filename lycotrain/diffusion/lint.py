@@ -43,8 +43,9 @@ class BucketStats:
 
 @dataclass
 class StepPlan:
-    """``batches_per_epoch`` is what ``BucketLoader`` yields on one process; an epoch ends with an optimizer
-    step even if its last accumulation group is short, hence the ceil in ``steps_per_epoch``."""
+    """``batches_per_epoch`` is one process's share (the loop pads the epoch's batches by wrapping around to a
+    multiple of the process count); an epoch ends with an optimizer step even if its last accumulation group
+    is short, hence the ceil in ``steps_per_epoch``."""
 
     batch_size: int
     grad_accum: int

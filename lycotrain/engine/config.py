@@ -92,8 +92,9 @@ class NetworkConfig:
     alpha: float = _f(4.0, lo=0.0, help="scale = alpha / rank; 0 means alpha = rank")
     dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True)
     # image
-    conv_rank: int = _f(0, lo=0, hi=4096, task="image", help="0 leaves 3x3 convolutions alone")
-    conv_alpha: float = _f(0.0, lo=0.0, task="image")
+    conv_rank: int = _f(0, lo=0, hi=4096, task="image",
+                        help="rank of 3x3 convolutions (preset full); 0 means network.rank")
+    conv_alpha: float = _f(0.0, lo=0.0, task="image", help="0 means network.alpha (with conv_rank 0)")
     factor: int = _f(-1, lo=-1, task="image", help="LoKr Kronecker factor; -1 picks it automatically")
     decompose_both: bool = _f(False, task="image")
     block_size: int = _f(8, lo=1, task="image", help="OFT block size")
@@ -105,6 +106,7 @@ class NetworkConfig:
     module_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, task="image")
     preset: str = _f("attn-mlp", choices=("attn", "attn-mlp", "full"), task="image",
                      help="which UNet/text-encoder layers get adapters")
+    train_unet: bool = _f(True, task="image")
     train_text_encoder: bool = _f(False, task="image")
     include: list[str] = _f([], task="image", help="extra module-name patterns to adapt")
     exclude: list[str] = _f([], task="image", help="module-name patterns never adapted")
@@ -181,7 +183,7 @@ class SaveConfig:
     every_n_steps: int = _f(0, lo=0, help="0: no periodic checkpoints by steps")
     every_n_epochs: int = _f(0, lo=0, help="0: no periodic checkpoints by epochs")
     keep_last: int = _f(3, lo=0, help="checkpoints kept; 0 keeps all")
-    dtype: str = _f("fp16", choices=("fp16", "bf16", "fp32"), help="dtype of the exported adapter")
+    dtype: str = _f("fp16", choices=("fp16", "fp32"), help="dtype of the exported adapter")
     output_name: str = _f("", help="file name of the exported adapter; empty: the run folder's name")
     activation_text: str = _f("", task="image", help="A1111 sidecar activation text (trigger words)")
     preferred_weight: float = _f(1.0, lo=0.0, hi=10.0, task="image", help="A1111 sidecar preferred weight")
@@ -262,6 +264,9 @@ class Config:
             if getattr(d, name) % 8:
                 raise ConfigError(f"dataset.{name} ({getattr(d, name)}) must be a multiple of 8 (the VAE "
                                   "downsamples by 8)")
+        if not n.train_unet and not n.train_text_encoder:
+            raise ConfigError("network.train_unet and network.train_text_encoder are both false; nothing would "
+                              "train")
         if n.factor == 0:
             raise ConfigError("network.factor must be -1 (automatic) or >= 1, got 0")
         for index, prompt in enumerate(self.sample.prompts):

@@ -157,6 +157,7 @@ class Trainer:
                 position.step, position.micro_batch = position.step + 1, micro + 1
                 window_loss = torch.zeros((), device=accelerator.device)
                 task.after_optimizer_step(position.step, self.plan.total_steps)
+                self.optimizer.zero_grad(set_to_none=True)  # after the hook: AdaLoRA's allocator reads the gradients
                 self._after_step()
                 if self._stop_requested():
                     return True
@@ -182,7 +183,6 @@ class Trainer:
         self.optimizer.step()
         if not self.accelerator.optimizer_step_was_skipped:  # fp16 overflow: the scaler skipped this step
             self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
         self.last_loss = loss.item()
 
     def _after_step(self) -> None:
@@ -207,9 +207,8 @@ class Trainer:
         source = self.task.dataloader(epoch)
         batches = [list(b) for b in source.batch_sampler]
         world, rank = self.accelerator.num_processes, self.accelerator.process_index
-        if world > 1:
-            usable = len(batches) // world * world  # every process does the same number of steps
-            batches = batches[:usable][rank::world]
+        if world > 1:  # pad by wrapping around so every process does the same number of steps
+            batches = (batches + batches[:(-len(batches)) % world])[rank::world]
         return source, batches
 
     def _loader(self, source: DataLoader, batches: list[list[int]]) -> Iterator[Any]:
@@ -292,13 +291,16 @@ class Trainer:
                                      scheduler=self.scheduler, task_state=self.task.state_dict(),
                                      rng_states=rng_states)
 
-        def write() -> Path:
-            path = ckpt.write_checkpoint(self.run_dir, self.position.step, fill, self.config.save.keep_last)
-            self.events.emit("checkpoint", step=self.position.step, path=self._relative(path))
-            return path
+        target = self.run_dir / ckpt.CHECKPOINTS / f"step-{self.position.step}"
+        if (target / ckpt.STATE_FILE).is_file():  # already saved at this step (periodic save, then the end)
+            return target
+
+        def write() -> None:
+            ckpt.write_checkpoint(self.run_dir, self.position.step, fill, self.config.save.keep_last)
+            self.events.emit("checkpoint", step=self.position.step, path=self._relative(target))
 
         self._on_main(write)
-        return self.run_dir / ckpt.CHECKPOINTS / f"step-{self.position.step}"
+        return target
 
     def _find_resume_state(self, resume: bool, add_steps: int) -> dict[str, Any] | None:
         if self.accelerator.is_main_process:

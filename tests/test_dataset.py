@@ -13,6 +13,7 @@ from PIL import Image
 
 from _dataset_images import epoch_batches, small_config, write_image, write_images
 from lycotrain.diffusion.dataset import ImageDataset, resolve_dataset
+from lycotrain.diffusion.lint import lint_dataset
 from lycotrain.errors import DatasetError
 
 
@@ -95,11 +96,12 @@ def test_corrupt_images_are_skipped_and_listed(tmp_path):
 
 def test_dataset_toml_subsets(tmp_path):
     write_images(tmp_path / "train", 2, caption="a, b, c")
-    write_images(tmp_path / "reg", 3, caption="a dog", prefix="r")
+    for image in write_images(tmp_path / "reg", 3, prefix="r"):
+        image.with_suffix(".txt").unlink()  # class images without captions: class_token is their caption
     (tmp_path / "data.toml").write_text(
         '[[subsets]]\npath = "train"\nrepeats = 3\ntrigger_word = "sks"\nshuffle_caption = true\n'
         'keep_tokens = 1\n\n'
-        '[[subsets]]\npath = "reg"\nis_regularization = true\nprior_loss_weight = 0.5\n')
+        '[[subsets]]\npath = "reg"\nis_regularization = true\nprior_loss_weight = 0.5\nclass_token = "a dog"\n')
     dataset = ImageDataset.from_config(small_config(tmp_path / "data.toml", caption_dropout=0.0))
     train, reg = dataset.spec.subsets
     assert (train.repeats, train.captions.trigger_word, train.captions.shuffle, train.captions.keep_tokens) == \
@@ -111,6 +113,9 @@ def test_dataset_toml_subsets(tmp_path):
             weights[weight] += 1
             assert caption.startswith("sks, a") if "train" in path else caption == "a dog"
     assert weights == {1.0: 6, 0.5: 3}
+    report = lint_dataset(dataset)
+    assert [x["used_instead"] for x in report.missing_captions] == ["a dog"] * 3
+    assert [(f.regularization, f.loss_weight, f.samples) for f in report.folders] == [(False, 1.0, 6), (True, 0.5, 3)]
 
 
 @pytest.mark.parametrize("body, message", [

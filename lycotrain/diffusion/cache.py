@@ -39,14 +39,15 @@ def model_identity(*modules: torch.nn.Module, extra: str = "") -> str:
     """A hash of the modules' classes, configs and weights: changes when any weight or the dtype changes.
 
     The weights are summarised per tensor (name, shape, dtype, sum, absolute sum and 64 evenly spaced
-    values), which is fast on a full-size model and catches a fine-tuned or swapped checkpoint.
+    values), which is fast on a full-size model and catches a fine-tuned or swapped checkpoint. The sums
+    are taken on the CPU in float64, so the identity does not depend on the device the model sits on.
     """
     digest = hashlib.sha256(extra.encode())
     for module in modules:
         digest.update(type(module).__name__.encode())
         digest.update(json.dumps(_config_dict(module), sort_keys=True, default=str).encode())
         for name, tensor in sorted(module.state_dict().items()):
-            tensor = tensor.detach()
+            tensor = tensor.detach().cpu()
             flat = tensor.reshape(-1)
             picks = flat[:: max(1, flat.numel() // 64)][:64].to(torch.float64)
             summary = (name, tuple(tensor.shape), str(tensor.dtype), tensor.sum(dtype=torch.float64).item(),

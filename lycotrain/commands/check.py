@@ -1,0 +1,23 @@
+"""``lycotrain check FILE --model PATH [--json]``: what A1111, Forge and ComfyUI will do with an adapter file."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("file", help="adapter file (.safetensors, kohya/LyCORIS format)")
+    parser.add_argument("--model", required=True,
+                        help="base model: diffusers folder, single-file checkpoint, or builtin:tiny-sd1")
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+
+
+def run(args: argparse.Namespace) -> int:
+    from lycotrain.commands._models import components_of, load_pipeline
+    from lycotrain.formats.compat import check_file
+    from lycotrain.formats.kohya import read_adapter_file
+
+    file = read_adapter_file(args.file)  # fail on a bad file before loading a model
+    report = check_file(file, components_of(load_pipeline(args.model)))
+    print(report.to_json() if args.json else report.to_text())
+    return 0

@@ -1,0 +1,139 @@
+"""Writing and reading kohya/LyCORIS files: layout rules of the spec, round trips on the tiny SD1/SDXL models,
+third-party variants, and clear errors for bad input."""
+
+import struct
+
+import pytest
+import torch
+from _formats_models import randomize, tiny_components, tiny_dirs  # noqa: F401 (fixture)
+from lycoris.functional import locon
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from lycotrain.errors import FormatError
+from lycotrain.formats.compat import loader_delta
+from lycotrain.formats.kohya import apply_file, read_adapter_file, save_webui_file
+from lycotrain.inject import inject_pipeline
+
+FAMILY = {"sd1": "sd1", "sdxl": "sdxl"}
+
+
+def export(tmp_path, arch, tiny_dirs, method="lora", params=None, dtype="fp32", preset="full", **options):
+    components = tiny_components(tiny_dirs[arch])
+    adapters = inject_pipeline(components, FAMILY[arch], method=method, params=params or {"rank": 4, "alpha": 2.0},
+                               preset=preset, **options)
+    randomize(adapters)
+    path = tmp_path / f"{arch}-{method}.safetensors"
+    result = save_webui_file(path, adapters, family=FAMILY[arch], unet_config=components["unet"].config,
+                             dtype=dtype)
+    return components, adapters, path, result
+
+
+def unet_output(unet, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 48, generator=gen),
+                                      "time_ids": torch.randn(1, 6, generator=gen)}
+    with torch.no_grad():
+        return unet(sample, 10, context, **extra).sample
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_lora_round_trip_gives_identical_adapters_and_outputs(tmp_path, tiny_dirs, arch):
+    components, adapters, path, _ = export(tmp_path, arch, tiny_dirs)
+    fresh = tiny_components(tiny_dirs[arch])
+    loaded = apply_file(fresh, path)
+    assert set(loaded) == set(adapters)
+    for name, adapter in adapters.items():
+        twin = loaded[name]
+        assert twin.hyperparameters() == adapter.hyperparameters()
+        for key, value in adapter.adapter_state_dict().items():
+            assert torch.equal(twin.adapter_state_dict()[key], value), (name, key)
+    assert torch.equal(unet_output(components["unet"]), unet_output(fresh["unet"]))
+    kinds = {type(a.base).__name__ + str(getattr(a.base, "kernel_size", "")) for a in adapters.values()}
+    assert {"Linear", "Conv2d(3, 3)"} <= kinds
+
+
+def test_file_follows_the_export_rules(tmp_path, tiny_dirs):
+    _, adapters, path, _ = export(tmp_path, "sdxl", tiny_dirs, dtype="fp16")
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        assert f.read(2) == b'{"'
+    with safe_open(str(path), "pt") as f:
+        keys = list(f.keys())
+        tensors = {k: f.get_tensor(k) for k in keys}
+    modules = {k.partition(".")[0] for k in keys}
+    assert all("." not in m for m in modules)
+    assert not any(k.endswith((".scale", ".bias")) for k in keys)
+    for module in modules:
+        alpha = tensors[f"{module}.alpha"]
+        assert alpha.dim() == 0 and float(alpha) > 0
+    assert all(t.dtype == torch.float16 for k, t in tensors.items() if not k.endswith(".alpha"))
+    unet = {m for m in modules if m.startswith("lora_unet_")}
+    assert unet and all(m.startswith(("lora_unet_input_blocks", "lora_unet_middle_block", "lora_unet_output_blocks"))
+                        for m in unet)
+    assert any(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules)
+    assert any(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules)
+
+
+def test_exported_tensors_give_the_adapter_delta_and_lycoris_delta(tmp_path, tiny_dirs):
+    _, adapters, path, _ = export(tmp_path, "sd1", tiny_dirs)
+    file = read_adapter_file(path)
+    for name, adapter in adapters.items():
+        t = file.modules[name]  # SD1: file names are the internal names
+        weight = adapter.base.weight
+        ours = loader_delta("a1111", "lora", t, weight, 1.0)
+        gamma = float(t["alpha"]) / t["lora_down.weight"].shape[0]
+        lyco = locon.diff_weight(t["lora_down.weight"], t["lora_up.weight"], t.get("lora_mid.weight"),
+                                 gamma=gamma).reshape(weight.shape)
+        reference = adapter.delta_weight(1.0).detach()
+        scale = float(reference.norm())
+        assert float((ours - reference).norm()) <= 1e-5 * scale, name
+        assert float((lyco - reference).norm()) <= 1e-5 * scale, name
+
+
+def test_text_encoder_2_gets_complete_qkvo_groups(tmp_path, tiny_dirs):
+    components, adapters, path, result = export(tmp_path, "sdxl", tiny_dirs, preset="attn",
+                                                include=[r"_(q|v)_proj$|to_q$"])
+    assert result.padded and all(n.startswith("lora_te2_") for n in result.padded)
+    file = read_adapter_file(path)
+    for layer in {n.rsplit("_self_attn", 1)[0] for n in file.modules if n.startswith("lora_te2_")}:
+        for leaf in ("q", "k", "v", "out"):
+            assert f"{layer}_self_attn_{leaf}_proj" in file.modules
+    assert not any(n.startswith("lora_te1_") and n.endswith("k_proj") for n in file.modules)
+    loaded = apply_file(tiny_components(tiny_dirs["sdxl"]), file)
+    assert set(loaded) == set(adapters)  # the zero padding is not imported
+
+
+def test_third_party_aliases_and_missing_alpha(tmp_path, tiny_dirs):
+    components = tiny_components(tiny_dirs["sd1"])
+    name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+    layer = components["unet"].down_blocks[0].attentions[0].transformer_blocks[0].attn1.to_q
+    up, down = torch.randn(layer.out_features, 2), torch.randn(2, layer.in_features)
+    path = tmp_path / "peft-style.safetensors"
+    save_file({f"{name}.lora_B.weight": up, f"{name}.lora_A.weight": down}, str(path))
+    adapters = apply_file(components, path)
+    torch.testing.assert_close(adapters[name].delta_weight(), up @ down, rtol=1e-5, atol=1e-6)
+
+
+def test_bad_input_raises_clear_errors(tmp_path, tiny_dirs):
+    _, _, path, _ = export(tmp_path, "sdxl", tiny_dirs)
+    truncated = tmp_path / "truncated.safetensors"
+    truncated.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    with pytest.raises(FormatError, match="truncated"):
+        read_adapter_file(truncated)
+    pickle = tmp_path / "model.ckpt"
+    pickle.write_bytes(b"\x80\x04\x95" + b"\x00" * 64)
+    with pytest.raises(FormatError, match="not a .safetensors file"):
+        read_adapter_file(pickle)
+    unknown = tmp_path / "unknown.safetensors"
+    save_file({"lora_unet_x.hra_v": torch.zeros(2)}, str(unknown))
+    with pytest.raises(FormatError, match="lora_unet_x.*match no known method"):
+        read_adapter_file(unknown)
+    with pytest.raises(FormatError, match="another architecture"):
+        apply_file(tiny_components(tiny_dirs["sd1"]), path)
+    with pytest.raises(FormatError, match="no such file"):
+        read_adapter_file(tmp_path / "missing.safetensors")

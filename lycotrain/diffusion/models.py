@@ -5,6 +5,9 @@ folders, so every later feature (training, previews, export, single-file round t
 the same code path as a real checkpoint. They keep every layer type of the real UNets (cross-attention
 transformer blocks, ResNets with ``time_emb_proj`` and ``conv_shortcut``, down/up-samplers) and the real
 VAE downscale factor of 8, so bucket and latent arithmetic is the same as on SD1.5/SDXL.
+
+Loading (``load_pipeline``) accepts the built-in tiny models, diffusers folders and one-file checkpoints in the
+original layout (``single_file.py``), always offline.
 """
 
 from __future__ import annotations
@@ -12,6 +15,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -66,13 +70,9 @@ _SD_SCHEDULER: dict[str, Any] = dict(
 
 # ---- tiny pipelines ---------------------------------------------------------------------------------
 def _tiny_tokenizer(pad_token: str):
-    from transformers import CLIPTokenizer
+    from lycotrain.diffusion.tokenizer import make_clip_tokenizer, tiny_vocabulary
 
-    from lycotrain.diffusion.tokenizer import BOS, EOS, tiny_vocabulary
-
-    vocab, merges = tiny_vocabulary()
-    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), bos_token=BOS, eos_token=EOS, unk_token=EOS,
-                         pad_token=pad_token, model_max_length=_TINY_CLIP["max_position_embeddings"])
+    return make_clip_tokenizer(tiny_vocabulary(), pad_token, _TINY_CLIP["max_position_embeddings"])
 
 
 def _tiny_text_config(tokenizer, hidden_size: int, **extra: Any):
@@ -169,3 +169,124 @@ def builtin_model_path(name: str) -> Path:
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+# ---- loading ----------------------------------------------------------------------------------------
+FAMILIES = ("sd1", "sd2", "sd2-v", "sdxl")
+_PIPELINES = {"StableDiffusionPipeline": "sd", "StableDiffusionXLPipeline": "sdxl"}
+
+
+@dataclass
+class LoadedModel:
+    """A loaded Stable Diffusion pipeline plus what training needs to know about it."""
+
+    pipeline: Any
+    family: str  # "sd1" | "sd2" | "sd2-v" | "sdxl"
+    source: str
+
+    @property
+    def is_sdxl(self) -> bool:
+        return self.family == "sdxl"
+
+    @property
+    def prediction_type(self) -> str:
+        """"epsilon" or "v_prediction", as the scheduler config says."""
+        return str(self.pipeline.scheduler.config.get("prediction_type", "epsilon"))
+
+    @property
+    def unet(self) -> Any:
+        return self.pipeline.unet
+
+    @property
+    def vae(self) -> Any:
+        return self.pipeline.vae
+
+    @property
+    def scheduler(self) -> Any:
+        return self.pipeline.scheduler
+
+    @property
+    def text_encoders(self) -> tuple[Any, ...]:
+        return tuple(te for te in (self.pipeline.text_encoder, getattr(self.pipeline, "text_encoder_2", None))
+                     if te is not None)
+
+    @property
+    def tokenizers(self) -> tuple[Any, ...]:
+        return tuple(tok for tok in (self.pipeline.tokenizer, getattr(self.pipeline, "tokenizer_2", None))
+                     if tok is not None)
+
+    def components(self) -> dict[str, Any]:
+        """The trainable-model components by diffusers name (for ``inject_pipeline``)."""
+        names = ("unet", "text_encoder") + (("text_encoder_2",) if self.is_sdxl else ())
+        return {name: getattr(self.pipeline, name) for name in names}
+
+    def noise_scheduler(self) -> Any:
+        """A DDPM scheduler with the model's training noise schedule and prediction type (for the loss)."""
+        from diffusers import DDPMScheduler
+
+        return DDPMScheduler.from_config(self.pipeline.scheduler.config)
+
+
+def folder_family(pipeline: Any) -> str:
+    """Family of a loaded diffusers pipeline: SDXL by its second text encoder; SD2 by its 1024-wide
+    OpenCLIP-H context; ``sd2-v`` when the scheduler predicts v."""
+    if getattr(pipeline, "text_encoder_2", None) is not None:
+        return "sdxl"
+    if pipeline.unet.config.cross_attention_dim != 1024:
+        return "sd1"
+    return "sd2-v" if pipeline.scheduler.config.get("prediction_type") == "v_prediction" else "sd2"
+
+
+def _load_folder(folder: Path, dtype: torch.dtype | None) -> Any:
+    import json
+
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    index = folder / "model_index.json"
+    if not index.is_file():
+        raise ModelError(f"{folder}: not a diffusers model folder (no model_index.json); point model.path at a "
+                         "diffusers folder or at one .safetensors checkpoint")
+    name = json.loads(index.read_text()).get("_class_name", "")
+    if name not in _PIPELINES:
+        raise ModelError(f"{folder}: {name or 'this pipeline'} is not supported; lycotrain trains "
+                         "Stable Diffusion 1.x, 2.x and XL base models")
+    cls = StableDiffusionXLPipeline if _PIPELINES[name] == "sdxl" else StableDiffusionPipeline
+    kwargs = {"safety_checker": None, "requires_safety_checker": False} if cls is StableDiffusionPipeline else {}
+    return cls.from_pretrained(folder, local_files_only=True, torch_dtype=dtype, **kwargs)
+
+
+def load_pipeline(path: str | Path, family: str = "auto", dtype: torch.dtype | None = None) -> LoadedModel:
+    """Load SD1.x / SD2.x / SDXL from ``builtin:<name>``, a diffusers folder or one original-layout
+    ``.safetensors``/``.ckpt``, fully offline.
+
+    ``family`` "auto" detects it; naming it checks the model against it, and for SD2 chooses between
+    epsilon ("sd2") and v-prediction ("sd2-v"), which the weights cannot tell.
+    """
+    from lycotrain.diffusion.single_file import load_single_file
+
+    if family != "auto" and family not in FAMILIES:
+        raise ModelError(f"unknown model family {family!r}; choose auto or one of {', '.join(FAMILIES)}")
+    source = str(path)
+    path = builtin_model_path(source) if source.startswith(BUILTIN_PREFIX) else Path(path).expanduser()
+    if not path.exists():
+        raise ModelError(f"model path {path} does not exist")
+    if path.is_file():
+        pipeline, family = load_single_file(path, family=family, dtype=dtype)
+    else:
+        pipeline = _load_folder(path, dtype)
+        detected = folder_family(pipeline)
+        if family != "auto" and family.split("-")[0] != detected.split("-")[0]:
+            raise ModelError(f"{path} holds a {detected} model, not {family!r}")
+        family = detected if family == "auto" else family
+    _match_prediction_type(pipeline, family)
+    return LoadedModel(pipeline, family, source)
+
+
+def _match_prediction_type(pipeline: Any, family: str) -> None:
+    """An SD2 model named "sd2"/"sd2-v" by the user predicts what the name says, whatever the scheduler
+    config it came with (single files carry none, and folders are sometimes mislabelled)."""
+    if family not in ("sd2", "sd2-v"):
+        return
+    wanted = "v_prediction" if family == "sd2-v" else "epsilon"
+    if pipeline.scheduler.config.get("prediction_type") != wanted:
+        pipeline.scheduler = type(pipeline.scheduler).from_config(pipeline.scheduler.config, prediction_type=wanted)

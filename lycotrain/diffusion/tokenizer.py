@@ -1,4 +1,8 @@
-"""A small CLIP-style BPE vocabulary that the project generates itself (no download).
+"""CLIP BPE vocabularies: the real one shipped with the package, and a small one generated for tiny models.
+
+The real CLIP vocabulary follows from its merges (bytes, bytes + ``</w>``, one token per merge, two special
+tokens), so only ``data/clip/merges.txt.gz`` ships (derived by ``tools/make_clip_bpe.py``); SD1.x, SD2.x and
+both SDXL tokenizers use it. Nothing is downloaded at run time.
 
 The tiny models need a real ``CLIPTokenizer`` (same pre-tokenizer, byte-level alphabet, ``</w>`` word ends,
 special tokens) so every code path that tokenizes captions runs unchanged on them. Its vocabulary is the
@@ -9,8 +13,11 @@ special tokens. Deterministic: the same code always yields the same files.
 
 from __future__ import annotations
 
+import gzip
 from collections import Counter
 from functools import lru_cache
+from importlib import resources
+from typing import Any
 
 BOS, EOS = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
@@ -29,17 +36,15 @@ _CORPUS = (
 
 
 @lru_cache(maxsize=1)
-def byte_alphabet() -> tuple[str, ...]:
-    """GPT-2/CLIP mapping of the 256 bytes to printable unicode characters, in byte order."""
+def byte_alphabet() -> dict[int, str]:
+    """GPT-2/CLIP mapping of the 256 bytes to printable characters, in CLIP's vocabulary order (printable
+    bytes keep their own character and come first; the others get 256, 257, ... in byte order)."""
     printable = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
         list(range(ord("®"), ord("ÿ") + 1))
-    chars: dict[int, int] = {b: b for b in printable}
-    extra = 0
-    for b in range(256):
-        if b not in chars:
-            chars[b] = 256 + extra
-            extra += 1
-    return tuple(chr(chars[b]) for b in range(256))
+    alphabet = {b: chr(b) for b in printable}
+    others = [b for b in range(256) if b not in alphabet]
+    alphabet.update({b: chr(256 + i) for i, b in enumerate(others)})
+    return alphabet
 
 
 def _learn_merges(words: list[str], count: int) -> list[tuple[str, str]]:
@@ -74,11 +79,35 @@ def _apply_merge(symbols: tuple[str, ...], pair: tuple[str, str]) -> tuple[str, 
     return tuple(out)
 
 
+def _vocabulary(merges: list[tuple[str, str]]) -> dict[str, int]:
+    """CLIP's vocabulary layout: bytes, bytes + ``</w>``, merged tokens in merge order, BOS, EOS."""
+    alphabet = list(byte_alphabet().values())
+    tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
+    unique = list(dict.fromkeys(tokens))  # two merges can spell the same token; keep ids dense
+    return {tok: i for i, tok in enumerate(unique)}
+
+
 @lru_cache(maxsize=1)
 def tiny_vocabulary(num_merges: int = 400) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """``(vocab, merges)`` for ``CLIPTokenizer(vocab=..., merges=...)``; same layout as CLIP's files."""
-    alphabet = list(byte_alphabet())
     merges = _learn_merges(_CORPUS, num_merges)
-    tokens = alphabet + [c + END_OF_WORD for c in alphabet] + ["".join(m) for m in merges] + [BOS, EOS]
-    unique = list(dict.fromkeys(tokens))  # two merges can spell the same token; keep ids dense
-    return {tok: i for i, tok in enumerate(unique)}, merges
+    return _vocabulary(merges), merges
+
+
+@lru_cache(maxsize=1)
+def clip_vocabulary() -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """The real CLIP ``(vocab, merges)`` (49,408 tokens) from the shipped merges file."""
+    data = resources.files("lycotrain") / "data" / "clip" / "merges.txt.gz"
+    lines = gzip.decompress(data.read_bytes()).decode("utf-8").splitlines()[1:]
+    merges = [tuple(line.split(" ")) for line in lines if line]
+    return _vocabulary(merges), merges  # type: ignore[arg-type]
+
+
+def make_clip_tokenizer(vocabulary: tuple[dict[str, int], list[tuple[str, str]]], pad_token: str = EOS,
+                        max_length: int = 77) -> Any:
+    """A ``transformers.CLIPTokenizer`` over ``vocabulary``. SD pads with EOS; SDXL's second tokenizer with "!"."""
+    from transformers import CLIPTokenizer
+
+    vocab, merges = vocabulary
+    return CLIPTokenizer(vocab=dict(vocab), merges=list(merges), bos_token=BOS, eos_token=EOS, unk_token=EOS,
+                         pad_token=pad_token, model_max_length=max_length)

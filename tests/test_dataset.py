@@ -3,6 +3,7 @@ format, and exact resume of the batch order."""
 
 from __future__ import annotations
 
+import os
 import random
 import re
 from collections import Counter
@@ -186,3 +187,22 @@ def test_text_cache_needs_fixed_captions(tmp_path):
     shuffled = ImageDataset.from_config(small_config(tmp_path, shuffle_caption=True))
     with pytest.raises(DatasetError, match="cannot be cached"):
         shuffled.caption_texts()
+
+
+def test_scan_cache_skips_unchanged_images_and_rereads_edited_ones(tmp_path, monkeypatch):
+    import lycotrain.diffusion.dataset as dataset_module
+
+    paths = write_images(tmp_path / "data", 3)
+    decoded: list[str] = []
+    real = dataset_module.inspect_image
+    monkeypatch.setattr(dataset_module, "inspect_image", lambda p: decoded.append(p.name) or real(p))
+    config = small_config(tmp_path / "data")
+    first = ImageDataset.from_config(config, scan_cache=tmp_path / "scan")
+    assert len(decoded) == 3
+    second = ImageDataset.from_config(config, scan_cache=tmp_path / "scan")
+    assert len(decoded) == 3 and second.records == first.records
+    Image.new("RGB", (40, 32), (0, 0, 0)).save(paths[1])
+    os.utime(paths[1], ns=(1, 1))  # a different modification time, whatever the clock's resolution
+    third = ImageDataset.from_config(config, scan_cache=tmp_path / "scan")
+    assert decoded[3:] == [paths[1].name]
+    assert next(r for r in third.records if r.path == paths[1]).width == 40

@@ -17,6 +17,7 @@ draw come from the seed, never from the global RNG.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -34,7 +35,7 @@ from torch.utils.data import Dataset
 from lycotrain.diffusion.buckets import BucketBatchSampler, BucketOptions, Placement, SampleRef, bucket_grid, \
     place_image
 from lycotrain.diffusion.captions import CaptionOptions, fixed_texts, process_caption, read_caption
-from lycotrain.diffusion.images import UnreadableImage, inspect_image, is_image_file, load_rgb
+from lycotrain.diffusion.images import ImageInfo, InfoCache, UnreadableImage, inspect_image, is_image_file, load_rgb
 from lycotrain.errors import DatasetError
 
 if TYPE_CHECKING:
@@ -254,18 +255,32 @@ class ScanResult:
     orphan_captions: list[tuple[Path, str]] = field(default_factory=list)  # (caption file, reason)
 
 
-def scan_dataset(spec: DatasetSpec, workers: int | None = None) -> ScanResult:
-    """Decode every image once (in threads), read its caption, place it in a bucket."""
+def scan_dataset(spec: DatasetSpec, workers: int | None = None, scan_cache: Path | None = None) -> ScanResult:
+    """Decode every image (in threads), read its caption, place it in a bucket.
+
+    ``scan_cache``: a folder where the sizes and pixel hashes of decoded images are remembered (keyed by path,
+    size and modification time), so scanning an unchanged dataset again decodes nothing.
+    """
     result = ScanResult()
     grid = bucket_grid(spec.buckets)
     jobs = [(index, path) for index, subset in enumerate(spec.subsets)
             for path in sorted(p for p in subset.path.iterdir() if is_image_file(p))]
-    workers = workers or min(8, os.cpu_count() or 1)
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        infos = list(pool.map(_inspect_or_reason, [path for _, path in jobs]))
+    known = None
+    if scan_cache is not None:
+        name = hashlib.sha256(str(spec.source.resolve()).encode()).hexdigest()[:16]
+        known = InfoCache(Path(scan_cache) / f"{name}.json")
+    infos: list[ImageInfo | str | None] = [known.get(path) if known else None for _, path in jobs]
+    todo = [i for i, info in enumerate(infos) if info is None]
+    with ThreadPoolExecutor(max_workers=workers or min(8, os.cpu_count() or 1)) as pool:
+        for i, info in zip(todo, pool.map(_inspect_or_reason, [jobs[i][1] for i in todo])):
+            infos[i] = info
+            if known is not None and isinstance(info, ImageInfo):
+                known.put(jobs[i][1], info)
+    if known is not None:
+        known.save()
     for (index, path), info in zip(jobs, infos):
-        if isinstance(info, str):
-            result.unreadable.append((path, info))
+        if not isinstance(info, ImageInfo):
+            result.unreadable.append((path, str(info)))
             continue
         subset = spec.subsets[index]
         caption, status = _caption_of(path, subset)
@@ -278,7 +293,7 @@ def scan_dataset(spec: DatasetSpec, workers: int | None = None) -> ScanResult:
     return result
 
 
-def _inspect_or_reason(path: Path):
+def _inspect_or_reason(path: Path) -> ImageInfo | str:
     try:
         return inspect_image(path)
     except UnreadableImage as exc:
@@ -317,9 +332,10 @@ class ImageDataset(Dataset):
     ``records`` are the images that train; ``scan`` keeps everything found, for the pre-flight report.
     """
 
-    def __init__(self, spec: DatasetSpec, seed: int = 0, scan: ScanResult | None = None) -> None:
+    def __init__(self, spec: DatasetSpec, seed: int = 0, scan: ScanResult | None = None,
+                 scan_cache: Path | None = None) -> None:
         self.spec, self.seed = spec, seed
-        self.scan = scan if scan is not None else scan_dataset(spec)
+        self.scan = scan if scan is not None else scan_dataset(spec, scan_cache=scan_cache)
         self.records = [r for r in self.scan.records if r.placement is not None]
         if not self.records:
             raise DatasetError(self._nothing_usable_message())
@@ -327,8 +343,9 @@ class ImageDataset(Dataset):
         self.text_cache: Any = None  # set by use_text_cache
 
     @classmethod
-    def from_config(cls, config: "DatasetConfig", seed: int = 0) -> "ImageDataset":
-        return cls(DatasetSpec.from_config(config), seed=seed)
+    def from_config(cls, config: "DatasetConfig", seed: int = 0, scan_cache: Path | None = None) -> "ImageDataset":
+        """``scan_cache``: see ``scan_dataset`` (runs pass ``cache.default_cache_dir() / "scan"``)."""
+        return cls(DatasetSpec.from_config(config), seed=seed, scan_cache=scan_cache)
 
     def _nothing_usable_message(self) -> str:
         folders = ", ".join(str(s.path) for s in self.spec.subsets)

@@ -114,7 +114,9 @@ def lint_dataset(dataset: ImageDataset, *, batch_size: int = 1, grad_accum: int 
 
 def lint_config(config: "Config") -> tuple[ImageDataset, LintReport]:
     """Scan ``config.dataset`` and report with ``config.training``'s batch size, accumulation and length."""
-    dataset = ImageDataset.from_config(config.dataset, seed=config.seed)
+    from lycotrain.diffusion.cache import default_cache_dir
+
+    dataset = ImageDataset.from_config(config.dataset, seed=config.seed, scan_cache=default_cache_dir() / "scan")
     t = config.training
     report = lint_dataset(dataset, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                           max_steps=t.max_steps)

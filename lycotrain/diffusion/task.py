@@ -53,7 +53,8 @@ class DiffusionTask:
         self.config, self.accelerator, self.events = config, accelerator, events
         self.run_dir = Path(config.run_dir)
         self.device = accelerator.device
-        self.pipeline = load_pipeline(config.model.path)
+        self.model = load_pipeline(config.model.path)
+        self.pipeline = self.model.pipeline
         self._prepare_models()
         self._inject()
         self.dataset = ImageDataset.from_config(config.dataset, seed=config.seed)
@@ -66,13 +67,9 @@ class DiffusionTask:
     def _prepare_models(self) -> None:
         from diffusers import DDPMScheduler
 
-        from lycotrain.formats.names import family_of
-
         pipe, config = self.pipeline, self.config
-        self.text_encoders = [m for m in (pipe.text_encoder, getattr(pipe, "text_encoder_2", None)) if m is not None]
-        self.tokenizers = [t for t in (pipe.tokenizer, getattr(pipe, "tokenizer_2", None)) if t is not None]
-        self.family = family_of({"unet": pipe.unet, "text_encoder": pipe.text_encoder,
-                                 "text_encoder_2": getattr(pipe, "text_encoder_2", None)})
+        self.text_encoders, self.tokenizers = list(self.model.text_encoders), list(self.model.tokenizers)
+        self.family = self.model.family.removesuffix("-v")  # sd1 | sd2 | sdxl: what the file formats name
         weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.training.mixed_precision,
                                                                           torch.float32)
         for model in [pipe.unet, *self.text_encoders]:
@@ -80,7 +77,7 @@ class DiffusionTask:
         pipe.vae.requires_grad_(False).to(self.device, torch.float32)  # fp16 VAEs overflow (NaN/black images)
         prediction = config.model.prediction_type
         if prediction == "auto":
-            prediction = pipe.scheduler.config.get("prediction_type", "epsilon")
+            prediction = self.model.prediction_type
         self.prediction_type = prediction
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction,
                                                          rescale_betas_zero_snr=config.training.zero_terminal_snr)
@@ -242,7 +239,7 @@ class DiffusionTask:
         """Render the prompts. With ``exported``, the training adapters are removed and the exported WebUI file
         is loaded back onto the base model through lycotrain.formats: the final preview shows what a WebUI
         gets. (The run is over then; the task's adapters are gone afterwards.)"""
-        models = [self.pipeline.unet, *self.text_encoders]
+        models = list(self.model.components().values())
         for model in models:
             model.eval()
         try:
@@ -269,17 +266,16 @@ class DiffusionTask:
         from lycotrain.formats.kohya import apply_file
 
         self.adapters.remove()
-        components = {"unet": self.pipeline.unet, "text_encoder": self.text_encoders[0]}
-        if len(self.text_encoders) > 1:
-            components["text_encoder_2"] = self.text_encoders[1]
-        reloaded = apply_file(components, path)
+        reloaded = apply_file(self.model.components(), path)
         try:
             return self._render("final")
         finally:
             reloaded.remove()
 
     def save_adapter(self, out_dir: Path, step: int) -> dict[str, Path]:
-        """The WebUI file (+ the native file for HRA, + the A1111 sidecar) into ``out_dir``."""
+        """The WebUI file (+ the native file for HRA, + the A1111 sidecar) into ``out_dir``; for the final
+        export (``out_dir`` is the run folder) also the A1111/Forge/ComfyUI compatibility report."""
+        from lycotrain.formats.compat import compat_paths, write_compat_report
         from lycotrain.formats.kohya import save_webui_file
 
         path = Path(out_dir) / f"{self.output_name}.safetensors"
@@ -291,6 +287,9 @@ class DiffusionTask:
         if result.native_path is not None:
             outputs["native"] = result.native_path
         outputs["sidecar"] = self._write_sidecars(path)[-1]
+        if Path(out_dir).resolve() == self.run_dir.resolve():
+            write_compat_report(path, self.model.components())
+            outputs["compat_json"], outputs["compat_report"] = compat_paths(path)
         return outputs
 
     @property

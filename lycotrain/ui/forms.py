@@ -37,8 +37,9 @@ def _schema_field(key: str) -> tuple[type, Any]:
     raise ConfigError(f"unknown key {key}")
 
 
-def widget(key: str, label: str | None = None, **kwargs: Any) -> gr.components.Component:
-    """A widget for the config field ``key`` ("network.rank"), initialised to its default."""
+def widget(key: str, label: str | None = None, *, prefix: str = "", **kwargs: Any) -> gr.components.Component:
+    """A widget for the config field ``key`` ("network.rank"), initialised to its default; its element id is
+    ``<prefix>-network-rank`` (the tests and the page's CSS find it by that)."""
     section, _, name = key.rpartition(".")
     meta = field_help(section, name)
     hint, default = _schema_field(key)
@@ -46,31 +47,34 @@ def widget(key: str, label: str | None = None, **kwargs: Any) -> gr.components.C
     choices = kwargs.pop("choices", meta.get("choices"))
     label = label or name.replace("_", " ")
     info = kwargs.pop("info", meta.get("help") or None)
-    common = dict(label=label, info=info, elem_id=key.replace(".", "-").replace("_", "-"), **kwargs)
+    common = dict(label=label, info=info, elem_id=element_id(prefix, key), **kwargs)
     if choices:
         return gr.Dropdown(choices=list(choices), value=default, **common)
     if hint is bool:
         return gr.Checkbox(value=default, **common)
-    if hint in (int, float):
-        limits = {"minimum": meta.get("lo") if not meta.get("lo_open") else None,
-                  "maximum": meta.get("hi") if not meta.get("hi_open") else None}
-        return gr.Number(value=default, precision=0 if hint is int else None, **limits, **common)
+    if hint in (int, float):  # no min/max in the widget: Config names the field and the range in its message
+        return gr.Number(value=default, precision=0 if hint is int else None, **common)
     if typing.get_origin(hint) is list:
         return gr.Textbox(value=", ".join(default), **common)
     return gr.Textbox(value=default, **common)
 
 
+def element_id(prefix: str, key: str) -> str:
+    return "-".join(filter(None, (prefix, key.replace(".", "-").replace("_", "-"))))
+
+
 def prompt_widgets(task: str) -> Form:
     """Widgets for the preview prompts (one per line) and the settings they share."""
     form: Form = {"sample.prompts": gr.Textbox(label="preview prompts (one per line)", lines=3,
-                                               elem_id=f"{task}-prompts")}
-    form["sample.prompt_seed"] = gr.Number(label="preview seed", value=0, precision=0, minimum=0)
+                                               elem_id=f"{task}-sample-prompts")}
+    form["sample.prompt_seed"] = gr.Number(label="preview seed", value=0, precision=0)
     if task == "image":
         form["sample.negative_prompt"] = gr.Textbox(label="negative prompt")
-        form["sample.prompt_steps"] = gr.Number(label="sampling steps", value=20, precision=0, minimum=1)
-        form["sample.cfg"] = gr.Number(label="CFG scale", value=7.0, minimum=0)
+        form["sample.prompt_steps"] = gr.Number(label="sampling steps", value=20, precision=0,
+                                                elem_id=f"{task}-sample-steps")
+        form["sample.cfg"] = gr.Number(label="CFG scale", value=7.0)
         form["sample.size"] = gr.Number(label="preview size (0 = training resolution)", value=0, precision=0,
-                                        minimum=0, step=8)
+                                        step=8)
     return form
 
 

@@ -3,6 +3,7 @@ settings, presets, the CLI command, Start, and the live view of the run."""
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +22,7 @@ from lycotrain.ui.messages import error_html, guarded, notice_html, success_html
 from lycotrain.ui.presets import list_presets, save_preset
 from lycotrain.ui.runner import run_cli
 
+image_widget = partial(widget, prefix="image")
 DEMO_MODEL = "builtin:tiny-sd1"
 MAX_GALLERY = 500
 LINT_USABLE = (0, 1)  # `lycotrain lint` exit codes: clean, problems listed; 2 means unusable
@@ -86,27 +88,27 @@ class ImageTab:
             with gr.Column(scale=3):
                 with gr.Accordion("Model", open=True):
                     with gr.Row():
-                        f["model.path"] = widget("model.path", "base model", scale=4,
+                        f["model.path"] = image_widget("model.path", "base model", scale=4,
                                                  info="a diffusers folder or one .safetensors checkpoint on the "
                                                       "server")
                         self.demo_model = gr.Button("Use the built-in demo model", scale=1,
                                                     elem_id="image-use-demo-model")
                 with gr.Accordion("Dataset", open=True):
                     with gr.Row():
-                        f["dataset.path"] = widget("dataset.path", "dataset folder", scale=4,
+                        f["dataset.path"] = image_widget("dataset.path", "dataset folder", scale=4,
                                                    info="a folder of images with same-name .txt captions")
                         self.demo_data = gr.Button("Create the demo dataset", scale=1, elem_id="image-demo-data")
                     self.upload = gr.File(label="…or upload images / a .zip (they go to a new folder on the "
                                                 "server)", file_count="multiple", elem_id="image-upload")
                     with gr.Row():
                         for name in IMAGE_FIELDS["dataset"][:5]:
-                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                            f[f"dataset.{name}"] = image_widget(f"dataset.{name}", min_width=120)
                     with gr.Row():
                         for name in IMAGE_FIELDS["dataset"][5:10]:
-                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                            f[f"dataset.{name}"] = image_widget(f"dataset.{name}", min_width=120)
                     with gr.Row():
                         for name in IMAGE_FIELDS["dataset"][10:]:
-                            f[f"dataset.{name}"] = widget(f"dataset.{name}", min_width=120)
+                            f[f"dataset.{name}"] = image_widget(f"dataset.{name}", min_width=120)
                     with gr.Row():
                         self.lint_button = gr.Button("Check dataset (pre-flight report)", elem_id="image-lint")
                     self.report = gr.Markdown("", elem_id="image-preflight")
@@ -114,31 +116,32 @@ class ImageTab:
                     self.caption_editor()
                 with gr.Accordion("Method", open=True):
                     with gr.Row():
-                        f["network.method"] = widget("network.method", "method", choices=list(METHOD_PARAMS))
-                        f["network.preset"] = widget("network.preset", "target layers")
-                        f["network.train_text_encoder"] = widget("network.train_text_encoder",
+                        f["network.method"] = image_widget("network.method", "method", choices=list(METHOD_PARAMS),
+                                                      info="LoRA, LoHa, LoKr, OFT or HRA")
+                        f["network.preset"] = image_widget("network.preset", "target layers")
+                        f["network.train_text_encoder"] = image_widget("network.train_text_encoder",
                                                                  "train the text encoder too")
                     with gr.Row():
                         for name in ALL_METHOD_PARAMS:
-                            f[f"network.{name}"] = widget(f"network.{name}", min_width=110,
+                            f[f"network.{name}"] = image_widget(f"network.{name}", min_width=110,
                                                           visible=name in METHOD_PARAMS["loha"])
                 with gr.Accordion("Training", open=True):
                     with gr.Row():
-                        f["seed"] = widget("seed", min_width=110)
+                        f["seed"] = image_widget("seed", min_width=110)
                         for name in IMAGE_FIELDS["training"][:6]:
-                            f[f"training.{name}"] = widget(f"training.{name}", min_width=110)
+                            f[f"training.{name}"] = image_widget(f"training.{name}", min_width=110)
                     with gr.Row():
                         for name in IMAGE_FIELDS["training"][6:]:
-                            f[f"training.{name}"] = widget(f"training.{name}", min_width=110)
+                            f[f"training.{name}"] = image_widget(f"training.{name}", min_width=110)
                 with gr.Accordion("Previews", open=False):
                     with gr.Row():
                         for name in IMAGE_FIELDS["sample"]:
-                            f[f"sample.{name}"] = widget(f"sample.{name}", min_width=110)
+                            f[f"sample.{name}"] = image_widget(f"sample.{name}", min_width=110)
                     f.update(prompt_widgets("image"))
                 with gr.Accordion("Saving", open=False):
                     with gr.Row():
                         for name in IMAGE_FIELDS["save"]:
-                            f[f"save.{name}"] = widget(f"save.{name}", min_width=110)
+                            f[f"save.{name}"] = image_widget(f"save.{name}", min_width=110)
                 with gr.Accordion("Presets and CLI command", open=False):
                     with gr.Row():
                         self.preset_picker = gr.Dropdown(label="preset", choices=list_presets("image"), scale=3,
@@ -176,7 +179,7 @@ class ImageTab:
     def wire(self) -> None:
         f, msg = self.form, self.message
         inputs = set(f.values())
-        self.demo_model.click(lambda: DEMO_MODEL, None, f["model.path"])
+        self.demo_model.click(None, None, f["model.path"], js=f"() => {DEMO_MODEL!r}")  # instant, in the browser
         self.demo_data.click(guarded(msg)(self.create_demo_dataset), None, {msg, f["dataset.path"]})
         self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import shutil
 from concurrent.futures import ThreadPoolExecutor
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from lycotrain.ui.messages import guarded, success_html
 from lycotrain.ui.presets import list_presets, save_preset
 from lycotrain.ui.runner import run_cli
 
+text_widget = partial(widget, prefix="text")
 DEMO_LM = "builtin:tiny-llama"
 TEXT_EXTENSIONS = (".json", ".jsonl", ".txt")
 METHOD_PARAMS: dict[str, tuple[str, ...]] = {
@@ -85,43 +87,44 @@ class TextTab:
             with gr.Column(scale=3):
                 with gr.Accordion("Model and data", open=True):
                     with gr.Row():
-                        f["model.path"] = widget("model.path", "base model", scale=4,
+                        f["model.path"] = text_widget("model.path", "base model", scale=4,
                                                  info="a transformers causal-LM folder on the server")
                         self.demo_model = gr.Button("Use the built-in tiny LM", scale=1, elem_id="text-use-demo-model")
-                    f["dataset.path"] = widget("dataset.path", "dataset file",
+                    f["dataset.path"] = text_widget("dataset.path", "dataset file",
                                                info="JSON/JSONL with alpaca (instruction, input, output) or chat "
                                                     "(messages) records, or plain text")
                     self.upload = gr.File(label="…or upload a .json / .jsonl / .txt dataset", file_count="single",
                                           elem_id="text-upload")
                     with gr.Row():
                         for name in TEXT_FIELDS["dataset"]:
-                            f[f"dataset.{name}"] = widget(f"dataset.{name}")
+                            f[f"dataset.{name}"] = text_widget(f"dataset.{name}")
                 with gr.Accordion("Method", open=True):
-                    f["network.method"] = widget("network.method", "method", choices=list(METHOD_PARAMS), value="lora")
+                    f["network.method"] = text_widget("network.method", "method", choices=list(METHOD_PARAMS), value="lora",
+                                                     info="LoRA, AdaLoRA, Llama-Adapter or X-LoRA")
                     with gr.Row():
                         for name in ALL_METHOD_PARAMS:
                             if name == "experts":
                                 f["network.experts"] = gr.Dropdown(
                                     label="X-LoRA experts (two or more LoRA folders)", multiselect=True,
                                     allow_custom_value=True, choices=self.expert_choices(), visible=False,
-                                    elem_id="network-experts", min_width=300)
+                                    elem_id="text-network-experts", min_width=300)
                                 continue
-                            f[f"network.{name}"] = widget(f"network.{name}", min_width=110,
+                            f[f"network.{name}"] = text_widget(f"network.{name}", min_width=110,
                                                           visible=name in METHOD_PARAMS["lora"])
                     self.experts_refresh = gr.Button("Refresh the expert list", size="sm", visible=False)
                 with gr.Accordion("Training", open=True):
                     with gr.Row():
-                        f["seed"] = widget("seed", min_width=110)
+                        f["seed"] = text_widget("seed", min_width=110)
                         for name in TEXT_FIELDS["training"]:
-                            f[f"training.{name}"] = widget(f"training.{name}", min_width=110)
+                            f[f"training.{name}"] = text_widget(f"training.{name}", min_width=110)
                 with gr.Accordion("Samples, saving, presets", open=False):
                     with gr.Row():
                         for name in TEXT_FIELDS["sample"]:
-                            f[f"sample.{name}"] = widget(f"sample.{name}", min_width=110)
+                            f[f"sample.{name}"] = text_widget(f"sample.{name}", min_width=110)
                     f.update(prompt_widgets("text"))
                     with gr.Row():
                         for name in TEXT_FIELDS["save"]:
-                            f[f"save.{name}"] = widget(f"save.{name}", min_width=110)
+                            f[f"save.{name}"] = text_widget(f"save.{name}", min_width=110)
                     with gr.Row():
                         self.preset_picker = gr.Dropdown(label="preset", choices=list_presets("text"), scale=3)
                         self.preset_load = gr.Button("Load preset", scale=1)
@@ -150,7 +153,7 @@ class TextTab:
     def wire(self) -> None:
         f, msg = self.form, self.message
         inputs = set(f.values())
-        self.demo_model.click(lambda: DEMO_LM, None, f["model.path"])
+        self.demo_model.click(None, None, f["model.path"], js=f"() => {DEMO_LM!r}")  # instant, in the browser
         self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS] + [self.experts_refresh])

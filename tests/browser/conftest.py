@@ -1,0 +1,103 @@
+"""Browser tests: the real app in a subprocess on a free port (its own LYCOTRAIN_HOME and runs folder in a tmp
+dir), driven by Playwright through Debian's Chromium. Never `playwright install`: no browser download."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+from typing import Iterator
+
+import pytest
+
+CHROMIUM = "/usr/bin/chromium"
+ROOT = Path(__file__).resolve().parents[2]
+ARTIFACTS = ROOT / "test-artifacts"
+CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync"]
+
+if not Path(CHROMIUM).exists():
+    pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium); browser tests skipped",
+                allow_module_level=True)
+playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class AppServer:
+    def __init__(self, url: str, runs: Path, home: Path) -> None:
+        self.url, self.runs, self.home = url, runs, home
+
+    def jobs(self) -> list[dict]:
+        return [json.loads(p.read_text()) for p in self.runs.glob("*/job.json")]
+
+    def wait_idle(self, timeout_s: float = 300) -> None:
+        """Wait until no job is queued or running (tests that start runs leave the queue empty)."""
+        deadline = time.time() + timeout_s
+        while any(j["state"] in ("queued", "running") for j in self.jobs()):
+            if time.time() > deadline:
+                raise AssertionError(f"jobs still live after {timeout_s} s: {self.jobs()}")
+            time.sleep(0.5)
+
+
+@pytest.fixture(scope="session")
+def app_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[AppServer]:
+    base = tmp_path_factory.mktemp("app")
+    port = _free_port()
+    env = {**os.environ, "LYCOTRAIN_HOME": str(base / "home"), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+           "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
+    log = open(base / "app.log", "wb")
+    process = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--port", str(port), "--runs",
+                                str(base / "runs")], cwd=base, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    started = time.time()
+    while True:
+        try:
+            urllib.request.urlopen(url, timeout=2)
+            break
+        except OSError:
+            if process.poll() is not None or time.time() - started > 90:
+                process.kill()
+                raise RuntimeError(f"the app did not come up: {(base / 'app.log').read_text()[-3000:]}")
+            time.sleep(0.3)
+    server = AppServer(url, base / "runs", base / "home")
+    server.startup_s = time.time() - started
+    yield server
+    for job in server.jobs():  # the app's jobs run in their own sessions: end them by their pids
+        if job["state"] == "running" and job.get("pid"):
+            try:
+                os.killpg(job["pid"], signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    process.terminate()
+    process.wait(timeout=30)
+    log.close()
+
+
+@pytest.fixture(scope="session")
+def browser() -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield chromium
+        chromium.close()
+
+
+@pytest.fixture
+def page(browser, app_server: AppServer):
+    context = browser.new_context(viewport={"width": 1400, "height": 1000}, accept_downloads=True)
+    page = context.new_page()
+    page.set_default_timeout(30_000)
+    page.goto(app_server.url)
+    page.locator("#image-start").wait_for()
+    yield page
+    context.close()

@@ -59,10 +59,6 @@ class Subset:
     is_regularization: bool = False
     loss_weight: float = 1.0  # the prior-loss weight of regularization images
 
-    @property
-    def label(self) -> str:
-        return f"{self.path} (x{self.repeats}{', regularization' if self.is_regularization else ''})"
-
 
 @dataclass(frozen=True)
 class DatasetSpec:

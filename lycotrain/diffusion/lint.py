@@ -181,9 +181,8 @@ def _caption_findings(dataset: ImageDataset, status: str) -> list[dict[str, str]
     for record in dataset.scan.records:
         if record.caption_status == status:
             subset = dataset.subset_of(record)
-            used = with_trigger(record.caption, subset.captions.trigger_word)
             findings.append({"image": str(record.path),
-                             "used_instead": used if used else "(empty caption: set class_token or trigger_word)"})
+                             "used_instead": with_trigger(record.caption, subset.captions.trigger_word)})
     return findings
 
 
@@ -225,8 +224,8 @@ def _format_lines(report: LintReport) -> list[str]:
               for b in report.buckets]
     lines += ["", "Steps:"] + [f"  {line}" for line in report.steps.arithmetic]
     sections = [
-        ("Missing captions", [f"{x['image']} -> trained as \"{x['used_instead']}\"" for x in report.missing_captions]),
-        ("Empty captions", [f"{x['image']} -> trained as \"{x['used_instead']}\"" for x in report.empty_captions]),
+        ("Missing captions", [_trained_as(x) for x in report.missing_captions]),
+        ("Empty captions", [_trained_as(x) for x in report.empty_captions]),
         ("Caption files no image reads", [f"{x['caption']}: {x['reason']}" for x in report.orphan_captions]),
         ("Unreadable images (skipped)", [f"{x['image']}: {x['reason']}" for x in report.unreadable]),
         ("Images below the smallest bucket", [f"{x['image']} ({x['size']}): {x['action']}"
@@ -242,3 +241,10 @@ def _format_lines(report: LintReport) -> list[str]:
             lines += ["", f"{title} ({len(items)}):"] + [f"  {item}" for item in items]
     lines += ["", f"{report.problem_count} problem(s) found." if report.problem_count else "No problems found."]
     return lines
+
+
+def _trained_as(finding: dict[str, str]) -> str:
+    if finding["used_instead"]:
+        return f"{finding['image']} -> trained as \"{finding['used_instead']}\""
+    return (f"{finding['image']} -> trained with an empty caption (add a caption file, set dataset.trigger_word, "
+            "or class_token in a dataset TOML)")

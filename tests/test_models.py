@@ -94,10 +94,11 @@ def test_builtin_path_builds_once(tmp_path, monkeypatch):
         builtin_model_path("builtin:tiny-sd3")
 
 
-def test_build_tiny_command(tmp_path, capsys):
-    assert cli_main(["build-tiny", "--arch", "sd1", "--out", str(tmp_path / "m")]) == 0
-    assert (tmp_path / "m" / "unet" / "config.json").is_file()
-    assert "tiny sd1" in capsys.readouterr().out
+@pytest.mark.parametrize("arch, marker", [("sd1", "unet/config.json"), ("llama", "config.json")])
+def test_build_tiny_command(tmp_path, capsys, arch, marker):
+    assert cli_main(["build-tiny", "--arch", arch, "--out", str(tmp_path / "m")]) == 0
+    assert (tmp_path / "m" / marker).is_file()
+    assert f"tiny {arch}" in capsys.readouterr().out
 
 
 # ---- loading: folders, single files, families -------------------------------------------------------------

@@ -3,9 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import importlib.util
-
-from lycotrain.errors import ModelError
 
 ARCHS = ("sd1", "sdxl", "llama")
 
@@ -18,8 +15,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     if args.arch == "llama":
-        if importlib.util.find_spec("lycotrain.text.models") is None:
-            raise ModelError("build-tiny --arch llama needs lycotrain.text.models, which this install lacks")
         from lycotrain.text.models import build_tiny_llama
 
         path = build_tiny_llama(args.out, seed=args.seed)

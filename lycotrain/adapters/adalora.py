@@ -119,7 +119,7 @@ class RankAllocator:
     (the training task does this itself). ``rank_pattern`` maps adapter name -> list of kept ranks (bools).
     """
 
-    def __init__(self, adapters: dict[str, AdaLoRAAdapter], *, target_r: int, total_step: int, tinit: int = 0,
+    def __init__(self, adapters: dict[str, AdaLoRAAdapter], *, target_r: int, total_step: int = 0, tinit: int = 0,
                  tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85, beta2: float = 0.85) -> None:
         if not adapters:
             raise AdapterError("adalora: no adapted modules to allocate ranks over")
@@ -131,8 +131,9 @@ class RankAllocator:
         self.beta1, self.beta2 = float(beta1), float(beta2)
         self.init_budget = sum(a.rank for a in self.adapters)
         self.target_budget = self.target_r * len(self.adapters)
-        self.total_step = 0
-        self.set_total_step(total_step)
+        self.total_step = 0  # 0: not known yet (the training task sets it from the data before the first step)
+        if total_step:
+            self.set_total_step(total_step)
         self.rank_pattern: dict[str, list[bool]] | None = None
         self.budget = self.init_budget
         self.reset_importance()
@@ -212,6 +213,8 @@ class RankAllocator:
 
     def step(self, step: int) -> int:
         """PEFT's ``update_and_allocate(step)``; returns the budget in force after this step."""
+        if not self.total_step:
+            raise AdapterError("adalora: the total number of steps is not set (set_total_step)")
         final_start = self.total_step - self.tfinal
         if step < final_start:
             self.update_importance()

@@ -185,6 +185,8 @@ class SaveConfig:
     keep_last: int = _f(3, lo=0, help="checkpoints kept; 0 keeps all")
     dtype: str = _f("fp16", choices=("fp16", "fp32"), help="dtype of the exported adapter")
     output_name: str = _f("", help="file name of the exported adapter; empty: the run folder's name")
+    merged_model: bool = _f(False, task="text", help="LoRA/AdaLoRA: also save the base model with the adapter "
+                                                     "merged in (RUN_DIR/merged)")
     activation_text: str = _f("", task="image", help="A1111 sidecar activation text (trigger words)")
     preferred_weight: float = _f(1.0, lo=0.0, hi=10.0, task="image", help="A1111 sidecar preferred weight")
 

@@ -10,6 +10,7 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 * ``step``       step, total_steps, epoch, loss, lr, it_s, eta_s
 * ``preview``    step, images (list of paths relative to run_dir) or texts (list of {prompt, output})
 * ``checkpoint`` step, path (relative to run_dir)
+* ``ranks``      step, budget, ranks (dict module -> kept rank): AdaLoRA's rank pattern once it is fixed
 * ``warning``    message
 * ``error``      message (a user-facing message; the traceback goes to RUN_DIR/error.log)
 * ``end``        status ("finished" | "stopped" | "failed"), step, outputs (dict name -> relative path)

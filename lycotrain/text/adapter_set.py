@@ -137,6 +137,32 @@ class TextAdapterSet:
     def rank_pattern(self) -> dict[str, list[bool]] | None:
         return None if self.allocator is None else self.allocator.rank_pattern
 
+    def to(self, device: torch.device | str) -> None:
+        for module in self.modules.values():
+            module.to(device)
+        if self.xlora is not None:
+            self.xlora.classifier.to(device)
+
+    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
+        """The trained tensors by name (for checkpoints; the frozen base and X-LoRA experts are not in it)."""
+        if self.xlora is not None:
+            return {k: v.detach().clone() for k, v in self.xlora.classifier.state_dict().items()}
+        return {f"{path}.{name}": p.detach().clone() for path, module in self.modules.items()
+                for name, p in module.named_parameters() if p.requires_grad}
+
+    def load_trainable_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        if self.xlora is not None:
+            self.xlora.classifier.load_state_dict(state)
+            return
+        current = {f"{path}.{name}": p for path, module in self.modules.items()
+                   for name, p in module.named_parameters() if p.requires_grad}
+        if set(current) != set(state):
+            raise FormatError("the checkpoint's adapter tensors do not match this run's adapters (was the network "
+                              "config changed?)")
+        with torch.no_grad():
+            for name, param in current.items():
+                param.copy_(state[name])
+
     def counts(self) -> dict[str, int]:
         return {"modules": len(self.modules), "trainable": sum(p.numel() for p in self.trainable_parameters())}
 
@@ -287,7 +313,7 @@ def attach_lora(model: nn.Module, *, target_modules: list[str] | tuple[str, ...]
 
 def attach_adalora(model: nn.Module, *, target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGETS,
                    init_r: int = 12, target_r: int = 8, alpha: float = 8.0, dropout: float = 0.0,
-                   total_step: int = 1, tinit: int = 0, tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85,
+                   total_step: int = 0, tinit: int = 0, tfinal: int = 0, delta_t: int = 1, beta1: float = 0.85,
                    beta2: float = 0.85, orth_reg_weight: float = 0.5,
                    rank_pattern: dict[str, list[bool]] | None = None) -> TextAdapterSet:
     """AdaLoRA SVD adapters plus their rank allocator (``total_step`` comes from the data; see TextTask).
@@ -419,7 +445,7 @@ def load_adapter(model: nn.Module, folder: str | Path) -> TextAdapterSet:
         init_r = int(config.get("init_r", 12))
         pattern = peft_format.rank_pattern_from_config(config)
         adapters = attach_adalora(model, target_modules=targets, init_r=init_r, target_r=int(config.get("target_r", 8)),
-                                  alpha=float(config.get("lora_alpha", 8)), total_step=int(config.get("total_step", 1)),
+                                  alpha=float(config.get("lora_alpha", 8)), total_step=int(config.get("total_step", 0)),
                                   rank_pattern=pattern or {})
         renames = {n: n for n in peft_format.ADALORA_TENSORS}
     else:

@@ -38,6 +38,9 @@ _TINY_MERGES = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("e", "r"), 
 
 _TINY_GEOMETRY: dict[str, Any] = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                       num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512)
+# Weights ~N(0, 0.1) instead of the usual 0.02: after the final norm a random lm_head with std 0.02 cannot
+# produce confident logits at hidden size 64, so no adapter could lower the loss much (the demo must learn).
+_TINY_INIT_STD = 0.1
 
 
 # ---- tokenizer ------------------------------------------------------------------------------------------
@@ -73,12 +76,12 @@ def _tiny_config(arch: str, tokenizer):
     if arch == "gpt2":
         return GPT2Config(n_embd=g["hidden_size"], n_layer=g["num_hidden_layers"], n_head=g["num_attention_heads"],
                           n_positions=g["max_position_embeddings"], resid_pdrop=0.0, embd_pdrop=0.0,
-                          attn_pdrop=0.0, **ids)
+                          attn_pdrop=0.0, initializer_range=_TINY_INIT_STD, **ids)
     config_cls = {"llama": LlamaConfig, "mistral": MistralConfig, "qwen2": Qwen2Config}[arch]
     extra = {"tie_word_embeddings": False}
     if arch == "mistral":
         extra["sliding_window"] = None
-    return config_cls(**g, **ids, **extra)
+    return config_cls(**g, **ids, **extra, initializer_range=_TINY_INIT_STD)
 
 
 def build_tiny_causal_lm(out_dir: str | Path, arch: str = "llama", seed: int = 0) -> Path:

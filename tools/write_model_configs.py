@@ -47,10 +47,6 @@ VAE = {"_class_name": "AutoencoderKL", "in_channels": 3, "out_channels": 3, "lat
        "sample_size": 512, "scaling_factor": 0.18215, "force_upcast": True}
 
 
-def _index(cls: str, components: dict[str, list[str]]) -> dict:
-    return {"_class_name": cls, **{k: v for k, v in components.items()}}
-
-
 SD_COMPONENTS = {"unet": ["diffusers", "UNet2DConditionModel"], "vae": ["diffusers", "AutoencoderKL"],
                  "text_encoder": ["transformers", "CLIPTextModel"], "tokenizer": ["transformers", "CLIPTokenizer"],
                  "scheduler": ["diffusers", "DDPMScheduler"], "safety_checker": [None, None],
@@ -82,10 +78,9 @@ def _write(path: Path, data: dict) -> None:
 def main() -> None:
     for family, (pipeline_cls, components, configs, prediction) in FAMILIES.items():
         folder = ROOT / family
-        _write(folder / "model_index.json", _index(pipeline_cls, components))
+        _write(folder / "model_index.json", {"_class_name": pipeline_cls, **components})
         for name, config in configs.items():
-            file = "config.json"
-            _write(folder / name / file, config)
+            _write(folder / name / "config.json", config)
         _write(folder / "scheduler" / "scheduler_config.json",
                {"_class_name": "DDPMScheduler", **SD_BETAS, "prediction_type": prediction})
 

@@ -149,6 +149,9 @@ class Trainer:
                 window = min(grad_accum, len(batches) - (micro // grad_accum) * grad_accum)
                 with accelerator.autocast():
                     loss = task.training_step(batch, position.step)
+                if not loss.requires_grad:
+                    raise LycotrainError("the loss does not depend on any trainable parameter: the adapters are "
+                                         "not in the model's forward pass (check network.preset/include/exclude)")
                 accelerator.backward(loss / window)
                 window_loss += loss.detach().float() / window
                 if (micro + 1) % grad_accum and micro + 1 < len(batches):

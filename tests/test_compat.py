@@ -8,9 +8,10 @@ from _formats_models import randomize, tiny_components, tiny_dirs  # noqa: F401 
 from safetensors.torch import save_file
 
 from lycotrain.cli import main
-from lycotrain.formats.compat import LOADERS, check_file, compat_paths, write_compat_report
+from lycotrain.formats.compat import LOADERS, check_file, compat_paths, loader_delta, write_compat_report
 from lycotrain.formats.kohya import read_adapter_file, save_webui_file
 from lycotrain.formats.metadata import build_metadata
+from lycotrain.formats.names import model_names
 from lycotrain.inject import inject_pipeline
 
 
@@ -90,3 +91,70 @@ def test_check_command_and_report_files(tmp_path, tiny_dirs, capsys):
     save_file({"lora_unet_x.weird": torch.zeros(1)}, str(bad))
     assert main(["check", str(bad), "--model", str(tiny_dirs["sd1"])]) == 2
     assert "match no known method" in capsys.readouterr().err
+
+
+ATTN_Q = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"
+
+
+def single_module_report(tmp_path, tiny_dirs, tensors, name=ATTN_Q):
+    path = tmp_path / "one.safetensors"
+    save_file({f"{name}.{k}": v.contiguous() for k, v in tensors.items()}, str(path), metadata={"ss_v2": "False"})
+    return check_file(path, tiny_components(tiny_dirs["sd1"]))
+
+
+def test_oft_multiplier_divergence_and_forge_rejection(tmp_path, tiny_dirs):
+    components, path = export(tmp_path, tiny_dirs, "sd1", method="oft", params={"block_size": 4})
+    report = check_file(path, components)
+    a1111, comfy, forge = (report.loaders[k] for k in ("a1111", "comfyui", "forge"))
+    assert a1111.max_rel_diff_m1 < 1e-5 and a1111.max_rel_diff_m05 < 1e-5
+    # ComfyUI applies m^2 (R^T - I) W: at 0.5 it gives a quarter of the full delta, half of what we apply
+    assert comfy.max_rel_diff_m1 < 1e-5 and comfy.max_rel_diff_m05 == pytest.approx(0.5, abs=1e-4)
+    assert forge.rejected and forge.matched == 0
+    names = model_names(components)
+    for name, tensors in read_adapter_file(path).modules.items():
+        weight = names.layers[name].weight
+        full = loader_delta("comfyui", "oft", tensors, weight, 1.0)
+        torch.testing.assert_close(loader_delta("comfyui", "oft", tensors, weight, 0.5), 0.25 * full)
+
+
+def test_rescaled_oft_differs_in_comfyui_even_at_weight_1(tmp_path, tiny_dirs):
+    components, path = export(tmp_path, tiny_dirs, "sd1", method="oft",
+                              params={"block_size": 4, "rescaled": True})
+    report = check_file(path, components)
+    assert report.loaders["a1111"].max_rel_diff_m1 < 1e-5 and report.loaders["a1111"].max_rel_diff_m05 > 1e-3
+    assert report.loaders["comfyui"].max_rel_diff_m1 > 1e-3
+
+
+def test_third_party_both_full_lokr_is_scale_1_everywhere(tmp_path, tiny_dirs):
+    # ComfyUI issue #15114: both factors full with alpha 1, dim 32: every loader ignores alpha (scale 1)
+    w1, w2 = torch.randn(4, 4), torch.randn(8, 8)
+    report = single_module_report(tmp_path, tiny_dirs, {"lokr_w1": w1, "lokr_w2": w2, "alpha": torch.tensor(1.0)})
+    assert not report.lycotrain_unmatched
+    for loader in LOADERS:
+        assert report.loaders[loader].max_rel_diff_m1 < 1e-6, loader
+
+
+def test_old_oft_diag_only_a1111(tmp_path, tiny_dirs):
+    q = torch.randn(8, 4, 4) * 0.1
+    q = q - q.transpose(1, 2)
+    eye = torch.eye(4).expand(8, 4, 4)
+    rotation = (eye + q) @ torch.linalg.inv(eye - q)
+    report = single_module_report(tmp_path, tiny_dirs, {"oft_diag": rotation})
+    assert report.loaders["a1111"].max_rel_diff_m1 < 1e-4 and report.loaders["a1111"].unmatched == 0
+    assert report.loaders["comfyui"].unmatched == 1 and report.loaders["forge"].unmatched == 1
+
+
+def test_lokr_tucker_fails_in_comfyui_and_aborts_forge(tmp_path, tiny_dirs):
+    name = "lora_unet_down_blocks_0_resnets_0_conv1"  # 32 -> 32, 3x3
+    tensors = {"lokr_w1": torch.randn(4, 4), "lokr_w2_a": torch.randn(2, 8), "lokr_w2_b": torch.randn(2, 8),
+               "lokr_t2": torch.randn(2, 2, 3, 3), "alpha": torch.tensor(2.0)}
+    report = single_module_report(tmp_path, tiny_dirs, tensors, name)
+    assert report.loaders["a1111"].unmatched == 0
+    assert report.loaders["comfyui"].unmatched == len(tensors) and not report.loaders["comfyui"].rejected
+    assert report.loaders["forge"].rejected
+
+
+def test_hra_keys_make_a1111_reject_the_file(tmp_path, tiny_dirs):
+    report = single_module_report(tmp_path, tiny_dirs, {"hra_u": torch.randn(32, 4)})
+    assert report.loaders["a1111"].rejected
+    assert not report.loaders["comfyui"].rejected and report.loaders["comfyui"].unmatched == 1

@@ -190,6 +190,7 @@ class ExportResult:
     native_path: Path | None = None  # lycotrain file with the native parameters (HRA / OFT written as LoRA)
     converted: dict[str, float] = field(default_factory=dict)  # module -> max |delta error| of the LoRA route
     padded: list[str] = field(default_factory=list)  # zero modules added to complete a q, k, v, out group
+    baked: list[str] = field(default_factory=list)  # OFT modules whose constraint was baked into the blocks
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -228,30 +229,47 @@ def _lokr_tensors(name: str, adapter: Adapter) -> Tensors:
     return tensors
 
 
-def _module_tensors(name: str, adapter: Adapter, oft_as_lora: bool) -> tuple[Tensors, float | None, list[str]]:
-    """(file tensors, conversion error or None, warnings) for one adapter."""
+def _oft_tensors(adapter: Adapter, tensors: Tensors) -> Tensors:
+    """OFT with the constraint baked in: the loaders disagree on what alpha bounds (alpha*out in A1111, alpha in
+    ComfyUI), but all of them agree on unconstrained blocks. Storing the clamped skew part Q/2 with alpha 0
+    gives every loader the rotation we trained with."""
+    bound = float(tensors["alpha"]) * adapter.out_features
+    if bound > 0:
+        blocks = tensors["oft_blocks"].double()
+        skew = blocks - blocks.transpose(1, 2)
+        norm = float(skew.norm())
+        if norm > bound:
+            skew = skew * (bound / norm)
+        tensors["oft_blocks"] = (skew / 2).float()  # (Q/2) - (Q/2)^T = Q: unconstrained blocks, same rotation
+    tensors["alpha"] = torch.tensor(0.0)
+    return tensors
+
+
+def cayley_blocks(rotation: torch.Tensor) -> torch.Tensor:
+    """Blocks B with Cayley(B) = R: Q = (R - I)(R + I)^-1 is skew-symmetric and B = Q / 2 has B - B^T = Q."""
+    rotation = rotation.double()
+    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype).expand_as(rotation)
+    skew = (rotation - eye) @ torch.linalg.inv(rotation + eye)
+    return (skew / 2).float()
+
+
+def _module_tensors(name: str, adapter: Adapter, oft_as_lora: bool) -> tuple[Tensors, float | None]:
+    """(file tensors, max error of the LoRA route or None) for one adapter."""
     method = adapter.method
     if method == "hra" or (method == "oft" and oft_as_lora):
         rank = adapter.out_features if method == "oft" else int(adapter.hyperparameters()["rank"])
         rank = min(rank, adapter.out_features, adapter.base.weight[0].numel())
-        tensors, error = _lora_route(name, adapter, rank)
-        return tensors, error, []
+        return _lora_route(name, adapter, rank)
     if method == "lokr":
-        return _lokr_tensors(name, adapter), None, []
+        return _lokr_tensors(name, adapter), None
     tensors = dict(adapter.adapter_state_dict())
-    warnings: list[str] = []
     if method == "oft":
-        if float(tensors.get("alpha", 0.0)) != 0.0 or "rescale" in tensors:
-            warnings.append(f"{name}: OFT with a constraint or rescale is applied differently by A1111 and "
-                            "ComfyUI (and not at all by Forge); export with constraint 0 and no rescale, or "
-                            "use the exact-LoRA route")
-        tensors["alpha"] = torch.tensor(float(tensors.get("alpha", 0.0)))
-        return tensors, None, warnings
+        return _oft_tensors(adapter, tensors), None
     if method not in METHOD_KEYS:
         raise FormatError(f"module {name}: method {method!r} has no WebUI file format")
     rank = module_rank(method, tensors) or 1
     tensors["alpha"] = _positive_alpha(name, tensors["alpha"], rank)
-    return tensors, None, warnings
+    return tensors, None
 
 
 def _complete_qkvo(modules: dict[str, Tensors], adapters: Mapping[str, Adapter], family: str) -> list[str]:
@@ -319,18 +337,26 @@ def webui_tensors(adapters: Mapping[str, Adapter], *, family: str, unet_config: 
     result = ExportResult(Path())
     names = file_names(adapters, family, unet_config)
     modules: dict[str, Tensors] = {}
+    rescaled: list[str] = []
     with torch.no_grad():
         for name, adapter in adapters.items():
             if adapter.merged:
                 raise FormatError(f"module {name} is merged into its base weight; unmerge before exporting")
             if "." in names[name]:
                 raise FormatError(f"module name {names[name]!r} contains a dot; A1111 cannot match it")
-            tensors, error, warnings = _module_tensors(name, adapter, oft_as_lora)
+            tensors, error = _module_tensors(name, adapter, oft_as_lora)
             modules[names[name]] = tensors
-            result.warnings += warnings
+            if "rescale" in tensors:
+                rescaled.append(names[name])
+            if adapter.method == "oft" and float(adapter.adapter_state_dict()["alpha"]) > 0:
+                result.baked.append(names[name])
             if error is not None:
                 result.converted[names[name]] = error
         result.padded = _complete_qkvo(modules, adapters, family)
+    if rescaled:
+        result.warnings.append(f"{len(rescaled)} OFT module(s) with rescale (e.g. {rescaled[0]}): ComfyUI ignores "
+                               "the rescale and Forge does not load OFT; train without rescale, or export with "
+                               "oft_as_lora for identical results everywhere")
     flat = {f"{name}.{key}": (value.float() if key == "alpha" else value.float().to(DTYPES[dtype]))
             for name, tensors in modules.items() for key, value in tensors.items()}
     return flat, result
@@ -343,8 +369,9 @@ def save_webui_file(path: str | Path, adapters: Mapping[str, Adapter], *, family
 
     ``family`` is ``sd1``/``sd2``/``sdxl``; SDXL needs ``unet_config`` (``unet.config``) to derive the LDM
     names. ``metadata`` comes from ``metadata.build_metadata``; ``sshs_model_hash`` is computed here.
-    HRA modules (and OFT with ``oft_as_lora``) are written as their LoRA against the base weights; then the
-    native parameters also go to ``NAME.lycotrain.safetensors`` (``native_path_for``) for resuming.
+    HRA modules (and OFT with ``oft_as_lora``) are written as their LoRA against the base weights, and an OFT
+    constraint is baked into the blocks; then the native parameters also go to ``NAME.lycotrain.safetensors``
+    (``native_path_for``) for resuming.
     """
     from lycotrain.formats.metadata import with_model_hash
 
@@ -352,7 +379,7 @@ def save_webui_file(path: str | Path, adapters: Mapping[str, Adapter], *, family
                                  oft_as_lora=oft_as_lora)
     result.path = Path(path)
     write_safetensors(path, flat, with_model_hash(flat, metadata or {}))
-    if result.converted:
+    if result.converted or result.baked:  # the WebUI file alone would not resume the same adapters
         result.native_path = save_native_file(native_path_for(path), adapters, metadata=metadata or {})
     return result
 
@@ -398,12 +425,12 @@ def _lokr_kwargs(tensors: Mapping[str, torch.Tensor], layer: nn.Linear | nn.Conv
     if rank is None:  # both full: alpha is ignored by every loader, full_matrix keeps both full
         rank = max(1, int(float(tensors.get("alpha", 1.0))))
     wanted = (a, out // a, c, inp // c, w1_full, w2_full)
-    full_matrix = w1_full and w2_full
-    for factor in dict.fromkeys((-1, a, out // a, c, inp // c)):
-        layout = lokr_layout(out, inp, rank, factor, decompose_both=not w1_full, full_matrix=full_matrix)
-        if tuple(layout) == wanted:
-            return {"rank": rank, "alpha": _alpha(tensors, rank), "factor": factor, "decompose_both": not w1_full,
-                    "full_matrix": full_matrix}
+    for full_matrix in (False, True) if w1_full and w2_full else (False,):
+        for factor in dict.fromkeys((-1, a, out // a, c, inp // c)):
+            layout = lokr_layout(out, inp, rank, factor, decompose_both=not w1_full, full_matrix=full_matrix)
+            if tuple(layout) == wanted:
+                return {"rank": rank, "alpha": _alpha(tensors, rank), "factor": factor,
+                        "decompose_both": not w1_full, "full_matrix": full_matrix}
     raise FormatError(f"LoKr factors W1 {tuple(w1_shape)} with rank {rank} on a {out}x{inp} layer follow no "
                       "LyCORIS layout lycotrain can rebuild")
 
@@ -417,12 +444,8 @@ def _oft_kwargs(tensors: Mapping[str, torch.Tensor], layer: nn.Linear | nn.Conv2
 
 
 def _oft_diag_blocks(tensors: Mapping[str, torch.Tensor]) -> Tensors:
-    """Old LyCORIS files store the rotation R; the Cayley inverse gives blocks B with Cayley(B) = R:
-    Q = (R - I)(R + I)^-1 is skew, and B = Q / 2 has B - B^T = Q."""
-    rotation = tensors["oft_diag"].double()
-    eye = torch.eye(rotation.shape[-1], dtype=rotation.dtype).expand_as(rotation)
-    skew = (rotation - eye) @ torch.linalg.inv(rotation + eye)
-    return {"oft_blocks": (skew / 2).float(), "alpha": torch.tensor(0.0)}
+    """Old LyCORIS files store the rotation R itself; its Cayley inverse gives unconstrained blocks."""
+    return {"oft_blocks": cayley_blocks(tensors["oft_diag"]), "alpha": torch.tensor(0.0)}
 
 
 @dataclass(frozen=True)

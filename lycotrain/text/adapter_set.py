@@ -361,14 +361,14 @@ def attach_llama_adapter(model: nn.Module, *, adapter_len: int = 10, adapter_lay
     return TextAdapterSet("llama_adapter", model, modules, originals, settings)
 
 
-def resolve_expert_folder(path: str | Path) -> Path:
-    """A PEFT LoRA folder, or a lycotrain run folder (its ``adapter/`` sub-folder)."""
+def resolve_adapter_folder(path: str | Path) -> Path:
+    """A PEFT adapter folder, or a lycotrain run folder (its ``adapter/`` sub-folder)."""
     folder = Path(path)
     for candidate in (folder, folder / "adapter"):
         if (candidate / peft_format.CONFIG_FILE).is_file():
             return candidate
-    raise FormatError(f"network.experts: {path} is neither a PEFT LoRA folder (adapter_config.json) nor a "
-                      "lycotrain LoRA run folder (adapter/adapter_config.json)")
+    raise FormatError(f"{path} is neither a PEFT adapter folder (adapter_config.json) nor a lycotrain run folder "
+                      "(adapter/adapter_config.json)")
 
 
 def read_lora_expert(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
@@ -388,7 +388,7 @@ def attach_xlora(model: nn.Module, *, experts: list[str | Path], layerwise: bool
                  classifier_dropout: float = 0.2, global_scale: float = 1.0) -> TextAdapterSet:
     """Frozen LoRA experts mixed per token by a trainable classifier (see adapters/xlora.py)."""
     model.requires_grad_(False)
-    folders = [resolve_expert_folder(e) for e in experts]
+    folders = [resolve_adapter_folder(e) for e in experts]
     if len(folders) < 2:
         raise AdapterError(f"network.experts lists {len(folders)} folder(s); X-LoRA needs two or more")
     loaded = [read_lora_expert(f) for f in folders]

@@ -56,11 +56,17 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
 
 
 def remove_partial(run_dir: str | Path) -> list[Path]:
-    """Delete hidden half-written checkpoint folders left by a killed run."""
-    root = Path(run_dir) / CHECKPOINTS
-    leftovers = [p for p in root.glob(".step-*")] if root.is_dir() else []
+    """Delete what a killed run may have left half-written: hidden checkpoint folders (``.step-N.*``) and the
+    hidden temporary files of atomic writes (``.NAME.*.tmp``, see lycotrain/atomic.py)."""
+    run_dir = Path(run_dir)
+    root = run_dir / CHECKPOINTS
+    leftovers = list(root.glob(".step-*")) if root.is_dir() else []
+    leftovers += [p for p in run_dir.rglob(".*.tmp") if p.is_file() and not any(part in leftovers for part in p.parents)]
     for path in leftovers:
-        shutil.rmtree(path, ignore_errors=True)
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
     return leftovers
 
 

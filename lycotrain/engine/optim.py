@@ -68,6 +68,6 @@ def build_scheduler(training: TrainingConfig, optimizer: torch.optim.Optimizer,
 def fast_forward(scheduler: torch.optim.lr_scheduler.LambdaLR, steps: int) -> None:
     """Advance a fresh schedule by ``steps`` (used when a run is extended: the new plan, at the old position)."""
     with warnings.catch_warnings():  # torch warns that no optimizer step came first; here that is the point
-        warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()`")
+        warnings.filterwarnings("ignore", message="Detected call of")
         for _ in range(steps):
             scheduler.step()

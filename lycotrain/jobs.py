@@ -177,7 +177,7 @@ class JobManager:
         record = JobRecord(id=run_dir.name, run_dir=str(run_dir), task=task, name=name or run_dir.name)
         self._save(record)
         self.tick()
-        return record
+        return self.get(record.id) or record
 
     def get(self, job_id: str) -> JobRecord | None:
         path = self.runs_root / job_id / JOB_FILE

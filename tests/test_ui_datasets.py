@@ -77,3 +77,9 @@ def test_caption_editor_prefix_and_find_replace(tmp_path: Path) -> None:
     datasets.save_caption(tmp_path / "b.png", ".txt", "  edited  ")
     assert (tmp_path / "b.txt").read_text() == "edited\n"
     assert not list(tmp_path.glob(".*.tmp"))  # atomic writes leave no temporaries
+
+
+def test_run_names_drop_the_upload_timestamp(tmp_path: Path) -> None:
+    folder = datasets.new_upload_folder(tmp_path, "demo-dataset")
+    assert datasets.display_name(folder) == "demo-dataset"
+    assert datasets.display_name("/data/cats.jsonl") == "cats"

@@ -57,6 +57,6 @@ def test_a_saved_preset_loads_back_into_the_same_form(tmp_path: Path, monkeypatc
     path = presets.save_preset(config, "my/oft preset")
     assert path.parent == tmp_path / "presets" and path.name == "oft preset.toml"
     assert ("oft preset (mine)", str(path)) in presets.list_presets("image")
-    assert presets.list_presets("text") == []
+    assert str(path) not in [p for _, p in presets.list_presets("text")]
     loaded = forms.config_to_values(load_config(path), list(values))
     assert loaded == {k: v for k, v in values.items()}

@@ -68,6 +68,11 @@ def is_decodable_image(data: bytes) -> bool:
         return False
 
 
+def display_name(path: str | Path) -> str:
+    """A short name for a dataset, for run names: the file or folder name without an upload timestamp."""
+    return re.sub(r"^\d{8}-\d{6}-", "", Path(path).stem) or "dataset"
+
+
 def new_upload_folder(root: Path, name: str = "upload") -> Path:
     folder = Path(root) / f"{time.strftime('%Y%m%d-%H%M%S')}-{name}"
     for suffix in range(1000):

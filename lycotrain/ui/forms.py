@@ -67,14 +67,15 @@ def prompt_widgets(task: str) -> Form:
     """Widgets for the preview prompts (one per line) and the settings they share."""
     form: Form = {"sample.prompts": gr.Textbox(label="preview prompts (one per line)", lines=3,
                                                elem_id=f"{task}-sample-prompts")}
-    form["sample.prompt_seed"] = gr.Number(label="preview seed", value=0, precision=0)
-    if task == "image":
-        form["sample.negative_prompt"] = gr.Textbox(label="negative prompt")
-        form["sample.prompt_steps"] = gr.Number(label="sampling steps", value=20, precision=0,
-                                                elem_id=f"{task}-sample-steps")
-        form["sample.cfg"] = gr.Number(label="CFG scale", value=7.0)
-        form["sample.size"] = gr.Number(label="preview size (0 = training resolution)", value=0, precision=0,
-                                        step=8)
+    with gr.Row():
+        form["sample.prompt_seed"] = gr.Number(label="preview seed", value=0, precision=0, min_width=110)
+        if task == "image":
+            form["sample.negative_prompt"] = gr.Textbox(label="negative prompt", min_width=200, scale=2)
+            form["sample.prompt_steps"] = gr.Number(label="sampling steps", value=20, precision=0, min_width=110,
+                                                    elem_id=f"{task}-sample-steps")
+            form["sample.cfg"] = gr.Number(label="CFG scale", value=7.0, min_width=110)
+            form["sample.size"] = gr.Number(label="size (0 = training resolution)", value=0, precision=0, step=8,
+                                            min_width=110)
     return form
 
 

@@ -214,7 +214,7 @@ class ImageTab:
     def start(self, data: dict[Any, Any]) -> dict:
         config = self.config(data)
         check_paths(config)
-        name = config.save.output_name or f"{config.network.method}-{Path(config.dataset.path).name}"
+        name = config.save.output_name or f"{config.network.method}-{datasets.display_name(config.dataset.path)}"
         run_dir = self.manager.new_run_dir(name)
         config = self.config(data, str(run_dir))
         record = self.manager.submit(run_dir, config.to_toml(), task="image", name=name)

@@ -19,6 +19,7 @@ from lycotrain.jobs import JobManager, JobRecord, RunView
 from lycotrain.ui.messages import error_html, notice_html
 
 MAX_PLOT_POINTS = 2000
+NOT_DOWNLOADS = ("checkpoint",)  # the training state is for resuming here, not a file to hand out
 STATE_WORDS = {"queued": "queued — waiting for the running job to end", "running": "running",
                "finished": "finished", "stopped": "stopped (checkpoint saved)", "failed": "failed",
                "cancelled": "cancelled before it started"}
@@ -91,9 +92,11 @@ def _cell(text: str) -> str:
 
 
 def download_files(view: RunView) -> list[str]:
-    """The run's outputs as files (a PEFT adapter folder is listed file by file)."""
+    """The run's outputs as files (a PEFT adapter folder is listed file by file; the checkpoint is not)."""
     files: list[str] = []
-    for path in view.outputs.values():
+    for name, path in view.outputs.items():
+        if name in NOT_DOWNLOADS:
+            continue
         target = Path(path)
         if target.is_dir():
             files += sorted(str(p) for p in target.rglob("*") if p.is_file())

@@ -16,7 +16,7 @@ import gradio as gr
 from lycotrain.engine.config import Config, config_to_cli, load_config
 from lycotrain.errors import DatasetError, LycotrainError, ModelError
 from lycotrain.jobs import JobManager
-from lycotrain.ui.datasets import new_upload_folder, sanitize_name
+from lycotrain.ui.datasets import display_name, new_upload_folder, sanitize_name
 from lycotrain.ui.forms import (Form, config_to_values, keep_method_params, method_param_names, prompt_widgets,
                                 values_to_config, widget)
 from lycotrain.ui.live import LiveView
@@ -196,7 +196,7 @@ class TextTab:
         if not config.dataset.path.strip() or not Path(config.dataset.path).is_file():
             raise DatasetError(f"dataset.path: {config.dataset.path or '(empty)'} is not a file on the server; "
                                "upload a .json/.jsonl dataset or enter its path")
-        name = config.save.output_name or f"{config.network.method}-{Path(config.dataset.path).stem}"
+        name = config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
         run_dir = self.manager.new_run_dir(name)
         record = self.manager.submit(run_dir, self.config(data, str(run_dir)).to_toml(), task="text", name=name)
         where = "started" if record.state == "running" else "queued (another run is in progress)"

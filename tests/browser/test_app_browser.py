@@ -155,8 +155,11 @@ def test_demo_loha_run_live_view_and_download(page, app_server: AppServer, tmp_p
     page.wait_for_function("document.querySelectorAll('#image-loss-plot g.mark-line path').length > 0")
     assert loss_points(page, "image") >= 2
     assert page.locator("#image-previews img").count() >= 1
-    link = page.locator("#image-downloads a", has_text=re.compile(r"\.safetensors$")).first
-    link.wait_for()
+    link = page.locator("#image-downloads a[download$='.safetensors']").first
+    try:
+        link.wait_for()
+    except Exception:
+        raise AssertionError(f"no .safetensors download: {page.locator('#image-downloads').inner_html()[:3000]}")
     response = page.request.get(link.get_attribute("href"))
     assert response.ok
     (tmp_path / "adapter.safetensors").write_bytes(response.body())

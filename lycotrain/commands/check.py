@@ -13,11 +13,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from lycotrain.commands._models import components_of, load_pipeline
+    from lycotrain.diffusion.models import load_pipeline
     from lycotrain.formats.compat import check_file
     from lycotrain.formats.kohya import read_adapter_file
 
     file = read_adapter_file(args.file)  # fail on a bad file before loading a model
-    report = check_file(file, components_of(load_pipeline(args.model)))
+    report = check_file(file, load_pipeline(args.model).components())
     print(report.to_json() if args.json else report.to_text())
     return 0

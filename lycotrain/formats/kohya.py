@@ -524,12 +524,15 @@ def load_module_tensors(adapter: Adapter, tensors: Mapping[str, torch.Tensor], *
 
 
 def adapter_from_tensors(file: AdapterFile, name: str, layer: nn.Linear | nn.Conv2d) -> Adapter:
-    """A stand-alone adapter around ``layer`` holding module ``name`` of ``file`` (the model is not modified
-    apart from the layer's ``requires_grad`` flag)."""
+    """A stand-alone adapter around ``layer`` holding module ``name`` of ``file``; the model is left as it was
+    (the layer is not replaced and keeps its ``requires_grad`` flags)."""
     from lycotrain.adapters import build_adapter
 
     plan = plan_module(file, name, layer)
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
     adapter = build_adapter(plan.method, layer, **plan.kwargs)
+    for param, flag in flags:
+        param.requires_grad_(flag)
     load_module_tensors(adapter, plan.tensors, name=name, source=file.source)
     return adapter
 

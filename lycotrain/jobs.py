@@ -88,7 +88,10 @@ class RunView:
     preflight: dict[str, Any] | None = None
     end_status: str | None = None
     outputs: dict[str, str] = field(default_factory=dict)  # name -> absolute path
-    extra: dict[str, Any] = field(default_factory=dict)  # other fields of the end event (e.g. rank pattern)
+    ranks: dict[str, int] = field(default_factory=dict)  # AdaLoRA: module -> kept rank, once the pattern is fixed
+    ranks_step: int = 0
+    rank_budget: int | None = None
+    extra: dict[str, Any] = field(default_factory=dict)  # other fields of the end event
 
     def apply(self, event: dict[str, Any], run_dir: Path) -> None:
         """Fold one event into the view."""
@@ -117,6 +120,9 @@ class RunView:
             self.warnings.append(str(event.get("message", "")))
         elif kind == "error":
             self.errors.append(str(event.get("message", "")))
+        elif kind == "ranks":
+            self.ranks = {str(k): int(v) for k, v in (event.get("ranks") or {}).items()}
+            self.ranks_step, self.rank_budget = int(event.get("step") or 0), event.get("budget")
         elif kind == "end":
             self.end_status = event.get("status")
             self.step = int(event.get("step") or self.step)

@@ -84,3 +84,11 @@ def test_downloads_list_files_of_output_folders(tmp_path: Path) -> None:
     assert live.download_files(view) == [str(tmp_path / "adapter" / "adapter_model.safetensors"),
                                          str(tmp_path / "a.safetensors")]
     assert live.format_duration(3725) == "1:02:05" and live.format_duration(None) == "—"
+
+
+def test_adalora_rank_allocation_is_shown(tmp_path: Path) -> None:
+    view = live.RunView()
+    view.apply({"type": "ranks", "step": 7, "budget": 12, "ranks": {"layers.0.q_proj": 5, "layers.0.v_proj": 7}},
+               tmp_path)
+    text = live.details_markdown(view)
+    assert "fixed at step 7" in text and "total rank 12" in text and "| `layers.0.q_proj` | 5 |" in text

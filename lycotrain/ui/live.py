@@ -106,17 +106,15 @@ def download_files(view: RunView) -> list[str]:
 
 
 def details_markdown(view: RunView) -> str:
-    """Extra results of the end event (AdaLoRA's final rank allocation, for instance)."""
-    if not view.extra:
-        return ""
+    """Results beyond the loss: AdaLoRA's final rank allocation, and extra fields of the end event."""
     lines = []
-    for key, value in view.extra.items():
-        title = key.replace("_", " ")
-        if isinstance(value, dict) and value and all(isinstance(v, (int, float)) for v in value.values()):
-            lines.append(f"**{title}**\n\n| module | value |\n|---|---|\n" +
-                         "\n".join(f"| `{k}` | {v} |" for k, v in value.items()))
-        else:
-            lines.append(f"**{title}**: `{json.dumps(value, default=str)[:2000]}`")
+    if view.ranks:
+        total = sum(view.ranks.values())
+        lines.append(f"**AdaLoRA rank allocation** (fixed at step {view.ranks_step}; total rank {total}"
+                     f"{f', budget {view.rank_budget}' if view.rank_budget is not None else ''})\n\n"
+                     "| module | rank |\n|---|---|\n" + "\n".join(f"| `{k}` | {v} |" for k, v in view.ranks.items()))
+    lines += [f"**{key.replace('_', ' ')}**: `{json.dumps(value, default=str)[:2000]}`"
+              for key, value in view.extra.items()]
     return "\n\n".join(lines)
 
 
@@ -166,7 +164,7 @@ class LiveView:
         records = self.manager.list(self.task)
         new = {"job": record.id if record else None, "runs": [(r.id, r.state) for r in records[:50]],
                "losses": len(view.losses), "previews": (len(view.previews), len(view.texts)),
-               "outputs": sorted(view.outputs), "state": record.state if record else None,
+               "outputs": sorted(view.outputs), "state": record.state if record else None, "ranks": len(view.ranks),
                "messages": (len(view.warnings), len(view.errors), record.error if record else None)}
         changed = {key for key in new if rendered.get(key) != new[key] or rendered.get("job") != new["job"]}
         choices = [(f"{r.name} — {r.state}", r.id) for r in records[:50]]
@@ -177,7 +175,7 @@ class LiveView:
         else:
             previews = gr.skip()
         downloads = (download_files(view) or None) if changed & {"outputs", "state"} else gr.skip()
-        details = details_markdown(view) if changed & {"outputs", "state"} else gr.skip()
+        details = details_markdown(view) if changed & {"outputs", "state", "ranks"} else gr.skip()
         messages = messages_html(record, view) if changed & {"messages", "state"} else gr.skip()
         return (new["job"], new, picker, progress_html(record, view), messages, plot, previews, details,
                 downloads)

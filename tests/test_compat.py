@@ -158,3 +158,25 @@ def test_hra_keys_make_a1111_reject_the_file(tmp_path, tiny_dirs):
     report = single_module_report(tmp_path, tiny_dirs, {"hra_u": torch.randn(32, 4)})
     assert report.loaders["a1111"].rejected
     assert not report.loaders["comfyui"].rejected and report.loaders["comfyui"].unmatched == 1
+
+
+def test_engine_export_writes_file_sidecars_and_report(tmp_path, tiny_dirs):
+    from PIL import Image
+
+    from lycotrain.formats.export import export_webui
+
+    components = tiny_components(tiny_dirs["sdxl"])
+    adapters = inject_pipeline(components, "sdxl", method="hra", params={"rank": 2}, preset="attn")
+    randomize(adapters)
+    preview = tmp_path / "step-10.png"
+    Image.new("RGB", (64, 64), (1, 2, 3)).save(preview)
+    meta = build_metadata(family="sdxl", method="lora", rank=2, alpha=2, output_name="mine", resolution=64,
+                          preview=preview)
+    done = export_webui(tmp_path / "mine.safetensors", adapters, components, metadata=meta, preview=preview,
+                        activation_text="mine")
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["mine.compat.json", "mine.compat.txt", "mine.json", "mine.lycotrain.safetensors",
+                     "mine.preview.png", "mine.safetensors", "step-10.png"]
+    for loader in LOADERS:  # HRA reaches every WebUI as its exact LoRA
+        r = done.compat.loaders[loader]
+        assert not r.rejected and r.unmatched == 0 and r.max_rel_diff_m1 < 1e-3, loader

@@ -201,3 +201,35 @@ def test_bad_input_raises_clear_errors(tmp_path, tiny_dirs):
         apply_file(tiny_components(tiny_dirs["sd1"]), path)
     with pytest.raises(FormatError, match="no such file"):
         read_adapter_file(tmp_path / "missing.safetensors")
+
+
+@pytest.mark.parametrize("arch", ["sd1", "sdxl"])
+def test_hra_is_exported_as_its_exact_lora_and_native_file_resumes(tmp_path, tiny_dirs, arch):
+    params = {"rank": 4, "apply_gs": arch == "sdxl"}
+    components, adapters, path, result = export(tmp_path, arch, tiny_dirs, "hra", params)
+    file = read_adapter_file(path)
+    assert set(file.methods()) == {"lora"} and len(file.modules) == len(adapters)
+    scale = max(float(a.delta_weight().detach().abs().max()) for a in adapters.values())
+    assert set(result.converted) == {result_name for result_name in file.modules}
+    assert result.max_conversion_error <= 1e-5 * scale
+    # the WebUI file reproduces the HRA layers' outputs
+    as_lora = tiny_components(tiny_dirs[arch])
+    apply_file(as_lora, path)
+    ours, theirs = unet_output(components["unet"]), unet_output(as_lora["unet"])
+    assert float((ours - theirs).norm()) <= 1e-5 * float(ours.norm())
+    # the native file brings back the HRA adapters themselves
+    resumed = apply_file(tiny_components(tiny_dirs[arch]), result.native_path)
+    for name, adapter in adapters.items():
+        assert resumed[name].method == "hra" and resumed[name].hyperparameters() == adapter.hyperparameters()
+        assert torch.equal(resumed[name].hra_u, adapter.hra_u)
+
+
+def test_oft_can_be_exported_as_exact_lora_for_forge(tmp_path, tiny_dirs):
+    components, adapters, path, result = export(tmp_path, "sd1", tiny_dirs, "oft", {"block_size": 4},
+                                                export_options={"oft_as_lora": True})
+    file = read_adapter_file(path)
+    assert set(file.methods()) == {"lora"} and result.native_path.is_file()
+    as_lora = tiny_components(tiny_dirs["sd1"])
+    apply_file(as_lora, path)
+    ours, theirs = unet_output(components["unet"]), unet_output(as_lora["unet"])
+    assert float((ours - theirs).norm()) <= 1e-5 * float(ours.norm())

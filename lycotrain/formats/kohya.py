@@ -205,10 +205,23 @@ def _positive_alpha(name: str, alpha: torch.Tensor | float, rank: int) -> torch.
     return torch.tensor(value if value > 0 else float(rank))
 
 
-def _lora_route(name: str, adapter: Adapter, rank: int) -> tuple[Tensors, float]:
-    """Exact (or best rank-``rank``) LoRA of the adapter's delta against its own base weight."""
-    low = lora_from_delta(adapter.delta_weight(1.0), rank=rank)
-    return low.tensors(), low.max_abs_error
+def _lora_route(adapter: Adapter, oft_as_lora: bool) -> tuple[Tensors, float] | None:
+    """The exact LoRA of the adapter's delta against its own base weight (HRA always, OFT on request), with the
+    max |delta error|; None for methods that are written as themselves."""
+    if adapter.method == "hra":
+        from lycotrain.adapters.hra import hra_to_lora_factors
+
+        up, down = hra_to_lora_factors(adapter.base.weight, adapter.hra_u, adapter.apply_gs)
+        rank = down.shape[0]
+        tensors = {"lora_up.weight": up, "lora_down.weight": down, "alpha": torch.tensor(float(rank))}
+        product = up.double().reshape(up.shape[0], rank) @ down.double().reshape(rank, -1)
+        error = float((product.reshape(adapter.base.weight.shape) - adapter.delta_weight(1.0).double()).abs().max())
+        return tensors, error
+    if adapter.method == "oft" and oft_as_lora:  # rank <= out: exact by SVD at full rank
+        low = lora_from_delta(adapter.delta_weight(1.0), rank=min(adapter.out_features,
+                                                                  adapter.base.weight[0].numel()))
+        return low.tensors(), low.max_abs_error
+    return None
 
 
 def _lokr_tensors(name: str, adapter: Adapter) -> Tensors:
@@ -256,10 +269,9 @@ def cayley_blocks(rotation: torch.Tensor) -> torch.Tensor:
 def _module_tensors(name: str, adapter: Adapter, oft_as_lora: bool) -> tuple[Tensors, float | None]:
     """(file tensors, max error of the LoRA route or None) for one adapter."""
     method = adapter.method
-    if method == "hra" or (method == "oft" and oft_as_lora):
-        rank = adapter.out_features if method == "oft" else int(adapter.hyperparameters()["rank"])
-        rank = min(rank, adapter.out_features, adapter.base.weight[0].numel())
-        return _lora_route(name, adapter, rank)
+    route = _lora_route(adapter, oft_as_lora)
+    if route is not None:
+        return route
     if method == "lokr":
         return _lokr_tensors(name, adapter), None
     tensors = dict(adapter.adapter_state_dict())

@@ -28,7 +28,8 @@ def chosen_file(upload: str | None, typed: str, what: str) -> str:
 
 
 def report_text(results: list[CliResult]) -> str:
-    return "\n\n".join(f"$ {r.command_line}\n{(r.stdout + r.stderr).strip()}" for r in results)
+    """Each command and what it printed (stderr holds library chatter; a failure shows its own message)."""
+    return "\n\n".join(f"$ {r.command_line}\n{r.stdout.strip()}" for r in results)
 
 
 def written_files(folder: Path) -> list[str]:
@@ -43,19 +44,21 @@ class ToolsTab:
             self.upload = gr.File(label="adapter file (.safetensors) — upload…", file_types=[".safetensors"],
                                   elem_id="tools-upload", scale=1)
             self.path = gr.Textbox(label="…or its path on the server", elem_id="tools-path", scale=2)
+        self.model = gr.Textbox(label="base model the adapter was trained on (needed for the compatibility report, "
+                                      "merge and convert): a diffusers folder, a .safetensors checkpoint or "
+                                      "builtin:tiny-sd1", elem_id="tools-model")
         with gr.Tab("Inspect and check"):
             self.inspect_button = gr.Button("Inspect", variant="primary", elem_id="tools-inspect")
         with gr.Tab("Merge into a model"):
-            with gr.Row():
-                self.merge_model = gr.Textbox(label="base model (folder, .safetensors checkpoint or builtin:tiny-sd1)",
-                                              scale=3)
-                self.merge_multiplier = gr.Number(label="multiplier", value=1.0, scale=1)
+            self.merge_multiplier = gr.Number(label="multiplier", value=1.0)
             self.merge_button = gr.Button("Merge", variant="primary", elem_id="tools-merge")
         with gr.Tab("Extract / convert to LoRA"):
-            self.extract_rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1)
+            self.extract_rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1,
+                                          elem_id="tools-extract-rank")
             self.extract_button = gr.Button("Convert to LoRA", variant="primary", elem_id="tools-extract")
         with gr.Tab("Resize a LoRA"):
-            self.resize_rank = gr.Number(label="new rank", value=8, precision=0, minimum=1)
+            self.resize_rank = gr.Number(label="new rank", value=8, precision=0, minimum=1,
+                                         elem_id="tools-resize-rank")
             self.resize_button = gr.Button("Resize", variant="primary", elem_id="tools-resize")
         self.output = gr.Textbox(label="output", lines=14, max_lines=40, interactive=False, elem_id="tools-output")
         self.files = gr.File(label="files written", file_count="multiple", interactive=False, elem_id="tools-files")
@@ -63,11 +66,18 @@ class ToolsTab:
 
     def wire(self) -> None:
         msg, outs = self.message, {self.message, self.output, self.files}
-        source = {self.upload, self.path}
+        source = {self.upload, self.path, self.model}
         self.inspect_button.click(guarded(msg)(self.inspect), source, outs)
-        self.merge_button.click(guarded(msg)(self.merge), source | {self.merge_model, self.merge_multiplier}, outs)
+        self.merge_button.click(guarded(msg)(self.merge), source | {self.merge_multiplier}, outs)
         self.extract_button.click(guarded(msg)(self.extract), source | {self.extract_rank}, outs)
         self.resize_button.click(guarded(msg)(self.resize), source | {self.resize_rank}, outs)
+
+    def _model(self, data: dict[Any, Any], why: str) -> str:
+        model = (data[self.model] or "").strip()
+        if not model:
+            raise FormatError(f"base model: empty; {why} needs the model the adapter was trained on (a diffusers "
+                              "folder, a .safetensors checkpoint or builtin:tiny-sd1)")
+        return model
 
     def _source(self, data: dict[Any, Any]) -> str:
         return chosen_file(data[self.upload], data[self.path], "adapter file")
@@ -84,22 +94,27 @@ class ToolsTab:
         return folder, folder / f"{Path(sanitize_name(Path(source).name)).stem}-{operation}{suffix}"
 
     def inspect(self, data: dict[Any, Any]) -> dict:
-        source = self._source(data)
-        return self._finish([run_cli(["inspect", source], timeout_s=300), run_cli(["check", source], timeout_s=300)])
+        """Method, modules and metadata; with a base model also what A1111, Forge and ComfyUI will do."""
+        source, model = self._source(data), (data[self.model] or "").strip()
+        results = [run_cli(["inspect", source], timeout_s=300)]
+        if model:
+            results.append(run_cli(["check", source, "--model", model], timeout_s=600))
+        out = self._finish(results)
+        if not model:
+            out[self.output] += "\n\n(enter the base model above for the per-WebUI compatibility report)"
+        return out
 
     def merge(self, data: dict[Any, Any]) -> dict:
-        source, model = self._source(data), (data[self.merge_model] or "").strip()
-        if not model:
-            raise FormatError("base model: empty; type the model folder or checkpoint to merge into")
+        source, model = self._source(data), self._model(data, "merging")
         folder, out = self._out(source, "merged")
         return self._finish([run_cli(["merge", source, "--model", model, "--out", str(out), "--multiplier",
                                       str(data[self.merge_multiplier] or 1.0)])], folder)
 
     def extract(self, data: dict[Any, Any]) -> dict:
-        source = self._source(data)
+        source, model = self._source(data), self._model(data, "converting to LoRA")
         folder, out = self._out(source, "lora")
-        return self._finish([run_cli(["extract", source, "--rank", str(int(data[self.extract_rank] or 16)),
-                                      "--out", str(out)])], folder)
+        return self._finish([run_cli(["extract", source, "--model", model, "--rank",
+                                      str(int(data[self.extract_rank] or 16)), "--out", str(out)])], folder)
 
     def resize(self, data: dict[Any, Any]) -> dict:
         source = self._source(data)

@@ -170,6 +170,25 @@ def test_demo_loha_run_live_view_and_download(page, app_server: AppServer, tmp_p
         assert keys and any("hada_w1_a" in k for k in keys)
     page.screenshot(path=str(ARTIFACTS / "run-finished.png"), full_page=True)
     app_server.wait_idle()
+    exported = next(Path(j["run_dir"]) for j in app_server.jobs() if j["state"] == "finished" and j["task"] == "image")
+    check_tools(page, next(exported.glob("*.safetensors")))
+
+
+def check_tools(page, adapter: Path) -> None:
+    """Tools tab on the exported file: the per-WebUI report, and the conversion to a LoRA file."""
+    page.get_by_role("tab", name="Tools").click()
+    fill(page, "tools-path", adapter)
+    fill(page, "tools-model", "builtin:tiny-sd1")
+    page.locator("#tools-inspect").click()
+    page.wait_for_function("document.querySelector('#tools-output textarea').value.includes('comfyui')",
+                           timeout=120_000)
+    output = page.locator("#tools-output textarea").input_value()
+    assert "loha" in output and "a1111" in output and "forge" in output
+    page.get_by_role("tab", name="Extract / convert to LoRA").click()
+    fill(page, "tools-extract-rank", 2)
+    page.locator("#tools-extract").click()
+    page.locator("#tools-files a[download$='-lora.safetensors']").wait_for(timeout=120_000)
+    page.screenshot(path=str(ARTIFACTS / "tools-converted.png"), full_page=True)
 
 
 def test_reload_reattaches_and_stop_writes_a_checkpoint(page, app_server: AppServer) -> None:

@@ -114,5 +114,5 @@ def test_needs_two_lora_experts(tmp_path):
     folders = _experts(tmp_path, n=1)
     with pytest.raises(AdapterError, match="two or more"):
         attach_xlora(load_model(), experts=folders)
-    with pytest.raises(FormatError, match="LoRA"):
+    with pytest.raises(FormatError, match="adapter_config.json"):
         attach_xlora(load_model(), experts=[folders[0], tmp_path / "nothing"])

@@ -32,12 +32,19 @@ def svd_delta(lora_a: torch.Tensor, lora_e: torch.Tensor, lora_b: torch.Tensor, 
 
 
 def orthogonality_penalty(lora_as: list[torch.Tensor], lora_bs: list[torch.Tensor]) -> torch.Tensor:
-    """Mean over all matrices of ||A A^T - I||_F (rows of each A) and ||B^T B - I||_F (columns of each B)."""
-    grams = [a @ a.T for a in lora_as] + [b.T @ b for b in lora_bs]
-    total = grams[0].new_zeros(())
-    for gram in grams:
-        total = total + torch.linalg.matrix_norm(gram - torch.eye(gram.shape[0], dtype=gram.dtype, device=gram.device))
-    return total / len(grams)
+    """Mean over all matrices of ||A A^T - I||_F (rows of each A) and ||B^T B - I||_F (columns of each B).
+
+    Matrices of equal shape are stacked so each group costs one batched matmul, not one per module."""
+    groups: dict[torch.Size, list[torch.Tensor]] = {}
+    for matrix in list(lora_as) + [b.T for b in lora_bs]:  # B^T B = (B^T)(B^T)^T
+        groups.setdefault(matrix.shape, []).append(matrix)
+    total = lora_as[0].new_zeros(())
+    for shape, matrices in groups.items():
+        stacked = torch.stack(matrices)
+        gram = stacked @ stacked.transpose(1, 2)
+        eye = torch.eye(shape[0], dtype=gram.dtype, device=gram.device)
+        total = total + torch.linalg.matrix_norm(gram - eye).sum()
+    return total / (len(lora_as) + len(lora_bs))
 
 
 def budget_schedule(step: int, *, init_budget: int, target_budget: int, tinit: int, tfinal: int, total_step: int,

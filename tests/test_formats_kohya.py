@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 
 from lycotrain.errors import FormatError
 from lycotrain.formats.compat import loader_delta
-from lycotrain.formats.kohya import apply_file, native_path_for, read_adapter_file, save_webui_file
+from lycotrain.formats.kohya import (apply_file, load_webui_file, native_path_for, read_adapter_file,
+                                    save_webui_file)
 from lycotrain.inject import inject_pipeline
 
 FAMILY = {"sd1": "sd1", "sdxl": "sdxl"}
@@ -97,6 +98,9 @@ def test_file_follows_the_export_rules(tmp_path, tiny_dirs):
                         for m in unet)
     assert any(m.startswith("lora_te1_text_model_encoder_layers_") for m in modules)
     assert any(m.startswith("lora_te2_text_model_encoder_layers_") for m in modules)
+    loaded, metadata = load_webui_file(path)
+    assert set(loaded) == modules and metadata == {}
+    assert all(torch.equal(loaded[k.partition(".")[0]][k.partition(".")[2]], t) for k, t in tensors.items())
 
 
 def lycoris_delta(method, t, weight):

@@ -52,12 +52,13 @@ def test_metadata_values_are_strings_and_json_objects(tmp_path):
 
 @pytest.mark.parametrize("family,v,version,v2", [("sd1", False, "sd_v1", "False"), ("sd2", False, "sd_v2", "True"),
                                                  ("sd2", True, "sd_v2_v", "True"),
+                                                 ("sd2-v", False, "sd_v2_v", "True"),
                                                  ("sdxl", False, "sdxl_base_v1-0", "False")])
 def test_version_keys_match_the_model_and_a1111_detects_it(family, v, version, v2):
     meta = metadata(family=family, v_prediction=v)
     assert meta["ss_base_model_version"] == version and meta["ss_v2"] == v2
-    assert meta["modelspec.prediction_type"] == ("v" if v else "epsilon")
-    assert detect_version(meta) == family
+    assert meta["modelspec.prediction_type"] == ("v" if version.endswith("_v") else "epsilon")
+    assert detect_version(meta) == family.removesuffix("-v")
 
 
 def test_file_header_and_kohya_model_hash(tmp_path):

@@ -41,7 +41,8 @@ class Extraction:
 
         if dtype not in DTYPES:
             raise FormatError(f"unknown dtype {dtype!r}; choose fp16 or fp32")
-        flat = {k: (v.float() if k.endswith(".alpha") else v.to(DTYPES[dtype])) for k, v in self.file.state_dict().items()}
+        flat = {k: (v.float() if k.endswith(".alpha") else v.to(DTYPES[dtype]))
+                for k, v in self.file.state_dict().items()}
         write_safetensors(path, flat, with_model_hash(flat, self.file.metadata))
         return Path(path)
 

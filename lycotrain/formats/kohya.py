@@ -308,6 +308,7 @@ def _complete_qkvo(modules: dict[str, Tensors], adapters: Mapping[str, Adapter],
 def file_names(adapters: Mapping[str, Adapter], family: str,
                unet_config: Mapping[str, Any] | None) -> dict[str, str]:
     """Internal (inject) name -> name written in the file: LDM names for the SDXL UNet, else unchanged."""
+    family = family.removesuffix("-v")  # sd2-v names its layers like sd2
     if family not in FAMILIES:
         raise FormatError(f"unknown model family {family!r}; choose one of {', '.join(FAMILIES)}")
     if family != "sdxl" or not any(n.startswith("lora_unet_") for n in adapters):
@@ -364,7 +365,7 @@ def webui_tensors(adapters: Mapping[str, Adapter], *, family: str, unet_config: 
                 result.baked.append(names[name])
             if error is not None:
                 result.converted[names[name]] = error
-        result.padded = _complete_qkvo(modules, adapters, family)
+        result.padded = _complete_qkvo(modules, adapters, family.removesuffix("-v"))
     if rescaled:
         result.warnings.append(f"{len(rescaled)} OFT module(s) with rescale (e.g. {rescaled[0]}): ComfyUI ignores "
                                "the rescale and Forge does not load OFT; train without rescale, or export with "

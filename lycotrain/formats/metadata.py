@@ -66,11 +66,13 @@ def build_metadata(*, family: str, method: str, rank: int, alpha: float, output_
                    clip_skip: int | None = None, date: dt.datetime | None = None) -> dict[str, str]:
     """The ``ss_*`` and ``modelspec.*`` metadata of a WebUI file, from plain values the engine has.
 
-    ``method`` is what the file *contains* (an HRA adapter exported as LoRA is ``lora``). ``training`` holds
+    ``family`` is sd1, sd2, sd2-v (SD2 v-prediction) or sdxl. ``method`` is what the file *contains* (an HRA adapter exported as LoRA is ``lora``). ``training`` holds
     further training parameters (``learning_rate``, ``steps``, ``optimizer`` ...), written as ``ss_<key>``.
     ``dataset_dirs`` is ``{folder: {"n_repeats": int, "img_count": int}}``; ``tag_frequency`` is
     ``{folder: {tag: count}}``.
     """
+    if family == "sd2-v":  # models.LoadedModel.family spelling
+        family, v_prediction = "sd2", True
     if family not in BASE_MODEL_VERSION:
         raise FormatError(f"unknown model family {family!r}; choose one of {', '.join(BASE_MODEL_VERSION)}")
     if method not in NETWORK_MODULE:

@@ -1,7 +1,7 @@
 """``lycotrain merge FILE --model PATH --out PATH``: bake an adapter file into a base model.
 
-The output is a diffusers folder, or one original-layout ``.safetensors`` checkpoint when ``--out`` ends in
-``.safetensors`` (the default when the base model is a single file)."""
+The output is one original-layout ``.safetensors`` checkpoint (what WebUIs load) when ``--out`` ends in
+``.safetensors``, else a diffusers folder. The base may be either kind (or ``builtin:tiny-sd1``)."""
 
 from __future__ import annotations
 

@@ -225,17 +225,15 @@ def _lora_route(adapter: Adapter, oft_as_lora: bool) -> tuple[Tensors, float] | 
 
 
 def _lokr_tensors(name: str, adapter: Adapter) -> Tensors:
+    """LoKr keys as every loader reads them (our LoKr never makes ``lokr_t2``, which ComfyUI/Forge fail on)."""
     tensors = dict(adapter.adapter_state_dict())
-    if "lokr_t2" in tensors:
-        raise FormatError(f"module {name}: LoKr with a Tucker core (lokr_t2) fails in ComfyUI and Forge; "
-                          "train LoKr without use_tucker")
     if "lokr_w2_b" in tensors:
         tensors["lokr_w2_b"] = tensors["lokr_w2_b"].reshape(tensors["lokr_w2_b"].shape[0], -1)
     both_full = "lokr_w1" in tensors and "lokr_w2" in tensors
     rank = int(adapter.hyperparameters().get("rank", 1))
     if both_full:
         # every loader uses scale 1 here and ignores alpha: bake our scale into w1, store alpha = rank
-        tensors["lokr_w1"] = tensors["lokr_w1"].float() * float(getattr(adapter, "scale", 1.0))
+        tensors["lokr_w1"] = tensors["lokr_w1"].float() * float(adapter.scale)
         tensors["alpha"] = torch.tensor(float(rank))
     else:
         tensors["alpha"] = _positive_alpha(name, tensors["alpha"], rank)

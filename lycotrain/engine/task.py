@@ -49,7 +49,8 @@ class Task(Protocol):
         Runs under ``accelerator.autocast()``; ``step`` is the number of optimizer steps done so far."""
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
-        """Called by the loop after every optimizer step (AdaLoRA's rank allocator lives here)."""
+        """Called by the loop after every optimizer step, before the gradients are cleared (AdaLoRA's rank
+        allocator lives here and reads them); ``step`` counts from 1."""
 
     def preview(self, step: int, exported: dict[str, Path] | None = None) -> dict[str, Any]:
         """Render previews (main process only). Returns the ``preview`` event fields: ``images`` (paths

@@ -128,8 +128,11 @@ def test_keys_and_shapes_follow_the_spec():
     assert float(make("linear", rank=4, alpha=None).alpha) == 4.0
 
 
-def test_rank_dropout_masks_whole_output_rows_and_rescales():
-    ad = make("linear", rank=3, rank_dropout=0.5)
+@pytest.mark.parametrize("kind", ["linear", "conv3x3-tucker"])
+@pytest.mark.parametrize("path", PATHS)
+def test_rank_dropout_masks_whole_output_rows_and_rescales(kind, path):
+    ad = make(kind, rank=3, rank_dropout=0.5)
+    ad.forward_path = path
     randomize(ad)
     x = input_for(ad.base, batch=4)
     with torch.no_grad():
@@ -138,6 +141,7 @@ def test_rank_dropout_masks_whole_output_rows_and_rescales():
         ratio = (ad(x) - base) / (full - base)
         ad.eval()
         assert_rel_close(ad(x), full)
+    ratio = ratio.movedim(1, -1) if ad.is_conv else ratio
     per_row = ratio.reshape(-1, ratio.shape[-1])
     assert torch.allclose(per_row, per_row[:1].expand_as(per_row), atol=1e-3)  # one draw per row, all samples
     assert set(per_row[0].round(decimals=3).tolist()) <= {0.0, 2.0}

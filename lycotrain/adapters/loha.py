@@ -72,19 +72,27 @@ def khatri_rao_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, 
     return p, core, q
 
 
-def loha_factored_delta_out(x: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
-                            w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None, scale: Scale,
-                            conv: ConvArgs | None, kernel: tuple[int, int]) -> torch.Tensor:
-    """delta W applied to ``x`` through the Khatri-Rao factors; never forms an out x in matrix."""
+def loha_factored_forward(x: torch.Tensor, base_out: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor,
+                          w2a: torch.Tensor, w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
+                          scale: Scale, conv: ConvArgs | None, kernel: tuple[int, int]) -> torch.Tensor:
+    """``base_out`` + delta W applied to ``x`` through the Khatri-Rao factors; never forms an out x in matrix.
+
+    The scale is folded into P and the add into the last matmul (addmm / baddbmm): one pass fewer over the
+    output, which on a CPU costs about as much as the thin r^2 matmuls themselves.
+    """
     p, core, q = khatri_rao_factors(w1a, w1b, w2a, w2b, t1, t2)
     p = p * _per_row(scale, 2)
+    r2 = p.shape[1]
     if conv is None:
-        return F.linear(F.linear(x, q), p)
+        h = F.linear(x, q).reshape(-1, r2)
+        return torch.addmm(base_out.reshape(-1, p.shape[0]), h, p.T).reshape(base_out.shape)
     if core is None:
-        h = apply_weight(x, q.reshape(q.shape[0], -1, *kernel), None, conv)
+        h = apply_weight(x, q.reshape(r2, -1, *kernel), None, conv)
     else:
         h = apply_weight(F.conv2d(x, q[:, :, None, None]), core, None, conv)
-    return F.conv2d(h, p[:, :, None, None])
+    n = x.shape[0]
+    out = torch.baddbmm(base_out.reshape(n, p.shape[0], -1), p.expand(n, -1, -1), h.reshape(n, r2, -1))
+    return out.reshape(base_out.shape)
 
 
 def _weight_and_input_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
@@ -100,15 +108,29 @@ def _weight_and_input_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
     return grad_x, grad_w
 
 
+def _merge(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: Scale) -> torch.Tensor:
+    """W + scale * (W1 ⊙ W2) in one pass over the weight (fp32)."""
+    if isinstance(scale, torch.Tensor):
+        return torch.addcmul(weight.float(), w1 * _per_row(scale, w1.dim()), w2)
+    return torch.addcmul(weight.float(), w1, w2, value=scale)
+
+
 class _MergedLoHa(torch.autograd.Function):
-    """``apply_weight(x, W + delta W)`` saving only x and the factors; backward rebuilds delta W."""
+    """``apply_weight(x, W + delta W)`` saving only x and the factors; backward rebuilds W1 and W2.
+
+    The Hadamard product's backward is written out (dW1 = s G ⊙ W2, dW2 = s G ⊙ W1 with G the weight
+    gradient), so autograd only differentiates the two small factor products: fewer passes over
+    out x in tensors, which is what this path costs on top of the base layer.
+    """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
-                conv: ConvArgs | None, *factors: torch.Tensor | None) -> torch.Tensor:
+                conv: ConvArgs | None, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
+                w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None) -> torch.Tensor:
         with torch.no_grad():
-            merged = (weight.float() + loha_delta(*factors, scale, weight.shape)).to(x.dtype)
-        ctx.save_for_backward(x, weight, *factors)
+            w1 = hada_factor(w1a, w1b, t1, weight.shape)
+            merged = _merge(weight, w1, hada_factor(w2a, w2b, t2, weight.shape), scale).to(x.dtype)
+        ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, t1, t2)
         ctx.scale, ctx.conv = scale, conv
         return apply_weight(x, merged, bias, conv)
 
@@ -116,16 +138,22 @@ class _MergedLoHa(torch.autograd.Function):
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
         x, weight, *saved = ctx.saved_tensors
         factors = [None if f is None else f.detach().requires_grad_() for f in saved]
+        w1a, w1b, w2a, w2b, t1, t2 = factors
         with torch.enable_grad():
-            delta = loha_delta(*factors, ctx.scale, weight.shape)
-        merged = (weight.float() + delta.detach()).to(x.dtype)
+            w1 = hada_factor(w1a, w1b, t1, weight.shape)
+            w2 = hada_factor(w2a, w2b, t2, weight.shape)
+        merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(x.dtype)
         grad_x, grad_w = _weight_and_input_grads(grad_out, x, merged, ctx.conv, ctx.needs_input_grad[0])
+        grad_w = grad_w.float() * _per_row(ctx.scale, grad_w.dim())
         trainable = [f for f in factors if f is not None]
-        factor_grads = iter(torch.autograd.grad(delta, trainable, grad_w.float()))
+        factor_grads = iter(torch.autograd.grad([w1, w2], trainable, [grad_w * w2.detach(), grad_w * w1.detach()]))
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)) if ctx.conv else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_weight = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
+        grad_weight = None
+        if ctx.needs_input_grad[1]:
+            grad_weight, _ = _weight_and_input_grads(grad_out, x, merged, ctx.conv, False)
+            grad_weight = grad_weight.to(weight.dtype)
         return (grad_x, grad_weight, grad_bias, None, None,
                 *[None if f is None else next(factor_grads) for f in factors])
 
@@ -146,8 +174,9 @@ def prefer_merged(positions: int, out_features: int, in_features: int, kernel_nu
     else:
         factored = 3 * positions * r2 * (in_features * kernel_numel + out_features)
     weight_numel = out_features * in_features * kernel_numel
-    # weight-gradient GEMM, rebuilding delta W (forward and backward) and ~a dozen memory-bound passes over it
-    merged = (positions + 8 * rank + 32) * weight_numel
+    # weight-gradient GEMM, rebuilding W1 and W2 (forward and backward), and ~a dozen memory-bound passes
+    # (and fresh allocations) of out x in tensors, each worth ~30 multiply-adds per element on a CPU
+    merged = (positions + 8 * rank + 350) * weight_numel
     return merged < factored
 
 
@@ -222,7 +251,7 @@ class LoHaAdapter(Adapter):
         conv = conv_args_of(self.base)
         if self._merged_is_cheaper(x):
             return loha_merged_forward(x, self.base.weight, self.base.bias, scale, conv, *self.factors())
-        return self.base(x) + loha_factored_delta_out(x, *self.factors(), scale, conv, self.kernel_size)
+        return loha_factored_forward(x, self.base(x), *self.factors(), scale, conv, self.kernel_size)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": float(self.alpha), "use_tucker": self.use_tucker}

@@ -86,7 +86,7 @@ def _w2_cost(layout: LoKrLayout, rank: int, kernel_numel: int) -> int:
 
 
 def w1_first(layout: LoKrLayout, rank: int, kernel_numel: int, stride_area: int = 1) -> bool:
-    """Whether mixing the c groups with W1 before applying W2 costs fewer multiply-adds than after."""
+    """Conv layers: whether mixing the c groups with W1 before the W2 convolution costs fewer multiply-adds."""
     a, b, c, d = layout.a, layout.b, layout.c, layout.d
     w2 = _w2_cost(layout, rank, kernel_numel)
     after = c * w2 + a * c * b  # per output position
@@ -94,40 +94,41 @@ def w1_first(layout: LoKrLayout, rank: int, kernel_numel: int, stride_area: int 
     return before < after
 
 
-def lokr_delta_out(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None, w2a: torch.Tensor | None,
-                   w2b: torch.Tensor | None, scale: Scale, layout: LoKrLayout, conv: ConvArgs | None,
-                   kernel: tuple[int, int]) -> torch.Tensor:
-    """``scale * kron(W1, W2)`` applied to ``x`` with the vec trick (W2 full, or as ``w2_a``, ``w2_b``)."""
+def lokr_forward(x: torch.Tensor, base_out: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor | None,
+                 w2a: torch.Tensor | None, w2b: torch.Tensor | None, scale: Scale, layout: LoKrLayout,
+                 conv: ConvArgs | None, kernel: tuple[int, int]) -> torch.Tensor:
+    """``base_out + scale * kron(W1, W2) x`` with the vec trick (W2 full, or as ``w2_a``, ``w2_b``).
+
+    With x split per sample as X (c, d): W2 acts on d (a matmul, or a conv over c groups of d channels), then
+    W1 mixes the c groups. The scale is folded into the small W1 and the add into the last matmul (baddbmm):
+    on a CPU every pass over an activation-sized tensor costs about as much as these thin matmuls.
+    """
+    if isinstance(scale, torch.Tensor):  # one scale per output channel (rank dropout): scale the delta itself
+        delta = lokr_forward(x, torch.zeros_like(base_out), w1, w2, w2a, w2b, 1.0, layout, conv, kernel)
+        return base_out + delta * (scale if conv is None else scale.reshape(-1, 1, 1))
     a, b, c, d = layout.a, layout.b, layout.c, layout.d
-    rank = 0 if w2b is None else w2b.shape[0]
-    stride_area = 1 if conv is None else conv.stride[0] * conv.stride[1]
-    first = w1_first(layout, rank, kernel[0] * kernel[1], stride_area)
+    w1 = w1 * scale
     if conv is None:
-        def apply_w2(h: torch.Tensor) -> torch.Tensor:  # (..., d) -> (..., b)
-            return F.linear(h, w2) if w2 is not None else F.linear(F.linear(h, w2b), w2a)
+        groups = x.reshape(-1, c, d)
+        z = F.linear(groups, w2) if w2 is not None else F.linear(F.linear(groups, w2b), w2a)  # (m, c, b)
+        out = torch.baddbmm(base_out.reshape(-1, a, b), w1.expand(z.shape[0], a, c), z)
+        return out.reshape(base_out.shape)
 
-        h = x.reshape(*x.shape[:-1], c, d)
-        if first:
-            y = apply_w2(torch.einsum("ac,...cd->...ad", w1, h))
-        else:
-            y = torch.einsum("ac,...cb->...ab", w1, apply_w2(h))
-        return y.reshape(*x.shape[:-1], a * b) * scale
+    rank = 0 if w2b is None else w2b.shape[0]
 
-    def apply_w2_conv(h: torch.Tensor) -> torch.Tensor:  # (n, d, H, W) -> (n, b, H', W')
+    def apply_w2(h: torch.Tensor) -> torch.Tensor:  # (n, d, H, W) -> (n, b, H', W')
         if w2 is not None:
             return apply_weight(h, w2, None, conv)
         h = apply_weight(h, w2b.reshape(rank, d, *kernel), None, conv)  # type: ignore[union-attr]
         return F.conv2d(h, w2a[:, :, None, None])  # type: ignore[index]
 
     n, _, height, width = x.shape
-    if first:
-        mixed = torch.einsum("ac,ncp->nap", w1, x.reshape(n, c, d * height * width))
-        z = apply_w2_conv(mixed.reshape(n * a, d, height, width))
-        y = z.reshape(n, a * b, *z.shape[-2:])
-    else:
-        z = apply_w2_conv(x.reshape(n * c, d, height, width))
-        y = torch.einsum("ac,ncp->nap", w1, z.reshape(n, c, -1)).reshape(n, a * b, *z.shape[-2:])
-    return y * _per_row(scale, 3)
+    if w1_first(layout, rank, kernel[0] * kernel[1], conv.stride[0] * conv.stride[1]):
+        mixed = torch.matmul(w1, x.reshape(n, c, d * height * width))  # (n, a, d*H*W)
+        return base_out + apply_w2(mixed.reshape(n * a, d, height, width)).reshape(base_out.shape)
+    z = apply_w2(x.reshape(n * c, d, height, width))  # (n*c, b, H', W')
+    out = torch.baddbmm(base_out.reshape(n, a, -1), w1.expand(n, a, c), z.reshape(n, c, -1))
+    return out.reshape(base_out.shape)
 
 
 # ---- module -----------------------------------------------------------------------------------------
@@ -196,9 +197,8 @@ class LoKrAdapter(Adapter):
         scale: Scale = self.multiplier * self.scale
         if self.training and self.rank_dropout_p > 0:
             scale = scale * row_dropout_scale(self.out_features, self.rank_dropout_p, x)
-        delta = lokr_delta_out(x, self.w1(), self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b, scale, self.layout,
-                               conv_args_of(self.base), self.kernel_size)
-        return self.base(x) + delta
+        return lokr_forward(x, self.base(x), self.w1(), self.lokr_w2, self.lokr_w2_a, self.lokr_w2_b, scale,
+                            self.layout, conv_args_of(self.base), self.kernel_size)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": float(self.alpha), "factor": self.factor,

@@ -155,10 +155,10 @@ class XLoRAModel(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None, **kwargs: Any) -> Any:
         kwargs.pop("use_cache", None)
         self.state.scalings = None
-        with torch.no_grad():
-            first = self.model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True,
-                               use_cache=False, return_dict=True)
-        hidden = first.hidden_states[-1].to(next(self.classifier.parameters()).dtype)
+        with torch.no_grad():  # the decoder alone: pass 1 needs its last hidden states, not logits or a loss
+            decoder = getattr(self.model, self.model.base_model_prefix)
+            first = decoder(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, return_dict=True)
+        hidden = first.last_hidden_state.to(next(self.classifier.parameters()).dtype)
         scalings = self.classifier(hidden)
         self.latest_scalings = scalings.detach()
         self.state.scalings = scalings

@@ -7,7 +7,7 @@ import json
 
 import pytest
 import torch
-from text_helpers import load_model, peft_load, token_batch, tiny_model_dir
+from text_helpers import load_model, peft_load, token_batch
 
 from lycotrain.errors import FormatError
 from lycotrain.formats import peft as peft_format

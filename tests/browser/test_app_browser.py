@@ -205,7 +205,7 @@ def test_reload_reattaches_and_stop_writes_a_checkpoint(page, app_server: AppSer
     page.locator("#image-stop").click()
     stopped = wait_progress(page, "image", lambda s: s["state"] == "stopped", timeout_s=120)
     assert stopped["step"] < 400
-    job = next(j for j in app_server.jobs() if j["name"] == name.strip())
+    job = next(j for j in app_server.jobs() if j["name"] == name.strip() and j["state"] == "stopped")
     checkpoints = list((Path(job["run_dir"]) / "checkpoints").glob("step-*"))
     assert checkpoints, "Stop must leave a checkpoint"
     events = [json.loads(line) for line in (Path(job["run_dir"]) / "events.jsonl").read_text().splitlines()]

@@ -30,7 +30,7 @@ Progress = Callable[[int, int], None]  # (done, total)
 
 def default_cache_dir() -> Path:
     """``$LYCOTRAIN_HOME/cache``: shared by all runs, since entries are keyed by content."""
-    from lycotrain.diffusion.models import lycotrain_home
+    from lycotrain.paths import lycotrain_home
 
     return lycotrain_home() / "cache"
 

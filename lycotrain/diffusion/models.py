@@ -22,6 +22,7 @@ from typing import Any
 import torch
 
 from lycotrain.errors import ModelError
+from lycotrain.paths import build_folder_once, lycotrain_home
 
 TINY_ARCHS = ("sd1", "sdxl")
 BUILTIN_PREFIX = "builtin:"
@@ -138,11 +139,6 @@ def build_tiny_pipeline(out_dir: str | Path, arch: str = "sd1", seed: int = 0) -
     return out_dir
 
 
-def lycotrain_home() -> Path:
-    """Where built-in models live: ``$LYCOTRAIN_HOME`` or ``~/.cache/lycotrain``."""
-    return Path(os.environ.get("LYCOTRAIN_HOME") or Path.home() / ".cache" / "lycotrain")
-
-
 def builtin_model_path(name: str) -> Path:
     """Resolve ``builtin:tiny-sd1`` / ``builtin:tiny-sdxl`` to its folder, building it on first use.
 
@@ -155,8 +151,7 @@ def builtin_model_path(name: str) -> Path:
         choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in TINY_ARCHS)
         raise ModelError(f"unknown built-in model {name!r}; choose one of {choices}")
     target = lycotrain_home() / "models" / short
-    if (target / "model_index.json").is_file():
-        return target
+    return build_folder_once(target, "model_index.json", lambda tmp: build_tiny_pipeline(tmp, arch=arch))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{short}.", dir=target.parent))
     try:

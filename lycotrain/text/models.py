@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from lycotrain.diffusion.models import lycotrain_home
+from lycotrain.paths import build_folder_once, lycotrain_home
 from lycotrain.errors import ModelError
 
 BUILTIN_PREFIX = "builtin:"
@@ -121,8 +121,7 @@ def builtin_model_path(name: str) -> Path:
         choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in TINY_ARCHS)
         raise ModelError(f"unknown built-in text model {name!r}; choose one of {choices}")
     target = lycotrain_home() / "models" / short
-    if (target / "config.json").is_file():
-        return target
+    return build_folder_once(target, "config.json", lambda tmp: build_tiny_causal_lm(tmp, arch=arch))
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{short}.", dir=target.parent))
     try:

@@ -7,7 +7,6 @@ carry training settings, the paths belong to the user's machine.
 
 from __future__ import annotations
 
-import os
 import tomllib
 from pathlib import Path
 
@@ -16,13 +15,10 @@ import tomli_w
 from lycotrain.atomic import atomic_write_text
 from lycotrain.engine.config import Config
 from lycotrain.errors import ConfigError
+from lycotrain.paths import lycotrain_home
 from lycotrain.ui.datasets import sanitize_name
 
 PROJECT_PRESETS = Path(__file__).resolve().parents[2] / "presets"
-
-
-def lycotrain_home() -> Path:
-    return Path(os.environ.get("LYCOTRAIN_HOME") or Path.home() / ".cache" / "lycotrain")
 
 
 def user_presets_dir() -> Path:

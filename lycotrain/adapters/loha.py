@@ -175,8 +175,8 @@ def prefer_merged(positions: int, out_features: int, in_features: int, kernel_nu
         factored = 3 * positions * r2 * (in_features * kernel_numel + out_features)
     weight_numel = out_features * in_features * kernel_numel
     # weight-gradient GEMM, rebuilding W1 and W2 (forward and backward), and ~a dozen memory-bound passes
-    # (and fresh allocations) of out x in tensors, each worth ~30 multiply-adds per element on a CPU
-    merged = (positions + 8 * rank + 350) * weight_numel
+    # (and fresh allocations) of out x in tensors, together worth ~250 multiply-adds per element on a CPU
+    merged = (positions + 8 * rank + 250) * weight_numel
     return merged < factored
 
 

@@ -177,3 +177,18 @@ def test_property_forward_equals_merged_and_lycoris(out_ch, in_ch, rank, kernel,
     with torch.no_grad():
         assert_rel_close(ad.delta_weight(), lycoris_delta(ad))
         assert_rel_close(ad(x), merged_reference(ad, x))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+def test_merged_path_also_differentiates_an_unfrozen_base(kind):
+    """The merged op replaces the base op, so it must pass gradients to W and the bias when they train."""
+    ad = make(kind)
+    randomize(ad)
+    ad.forward_path = "merged"
+    ad.base.requires_grad_(True)
+    x = input_for(ad.base).requires_grad_()
+    params = [x, ad.base.weight, ad.base.bias, *ad.adapter_parameters()]
+    ours = torch.autograd.grad(ad(x).square().sum(), params)
+    reference = torch.autograd.grad(merged_reference(ad, x).square().sum(), params)
+    for got, expected in zip(ours, reference):
+        assert_rel_close(got, expected, rtol=1e-4)

@@ -11,13 +11,14 @@ key                        Linear / conv (flattened)   conv kxk Tucker
 ``alpha``                  ()                          ()
 =========================  ==========================  =========================
 
-Training never needs ``W1 ⊙ W2`` as such. Two exact paths, chosen per call by a flop estimate:
+Training never stores ``W1 ⊙ W2``. Two exact paths, chosen per call by a cost estimate (``prefer_merged``):
 
 * *factored* (Khatri-Rao): ``W1 ⊙ W2 = P Q`` with ``P[o, (j,k)] = W1a[o,j] W2a[o,k]`` (out x r^2) and
   ``Q[(j,k), i] = W1b[j,i] W2b[k,i]`` (r^2 x in); a Tucker pair adds the core ``T1 ⊗ T2`` (r^2 x r^2 x kh x kw).
-  Costs ~ tokens * r^2 * (in + out): best when r^2 is small against the layer width.
-* *merged*: one GEMM with ``W + delta W`` whose backward rebuilds delta W from the factors (only the input
-  and the factors are saved). Costs one extra weight-gradient GEMM: best when r^2 is large against the width.
+  Costs ~3 * tokens * r^2 * (in + out): best when r^2 is small against the layer width.
+* *merged*: one op with ``W + delta W`` (it replaces the base op) whose backward rebuilds W1 and W2 from the
+  factors; only the input and the factors are saved. Costs one weight-gradient GEMM (tokens * out * in) plus
+  a few passes over out x in tensors: best for narrow layers with many tokens, or r^2 large against the width.
 """
 
 from __future__ import annotations
@@ -144,16 +145,14 @@ class _MergedLoHa(torch.autograd.Function):
             w2 = hada_factor(w2a, w2b, t2, weight.shape)
         merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(x.dtype)
         grad_x, grad_w = _weight_and_input_grads(grad_out, x, merged, ctx.conv, ctx.needs_input_grad[0])
-        grad_w = grad_w.float() * _per_row(ctx.scale, grad_w.dim())
+        grad_delta = grad_w.float() * _per_row(ctx.scale, grad_w.dim())
         trainable = [f for f in factors if f is not None]
-        factor_grads = iter(torch.autograd.grad([w1, w2], trainable, [grad_w * w2.detach(), grad_w * w1.detach()]))
+        factor_grads = iter(torch.autograd.grad([w1, w2], trainable,
+                                                [grad_delta * w2.detach(), grad_delta * w1.detach()]))
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)) if ctx.conv else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
-        grad_weight = None
-        if ctx.needs_input_grad[1]:
-            grad_weight, _ = _weight_and_input_grads(grad_out, x, merged, ctx.conv, False)
-            grad_weight = grad_weight.to(weight.dtype)
+        grad_weight = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return (grad_x, grad_weight, grad_bias, None, None,
                 *[None if f is None else next(factor_grads) for f in factors])
 

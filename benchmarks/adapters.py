@@ -64,7 +64,7 @@ SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross
 def model_specs(quick: bool) -> list[ModelSpec]:
     if quick:
         return [ModelSpec("unet-128-256-512 (16x16)", SMALL, batch=2, latent=16, context=768, steps=2, rounds=2)]
-    return [ModelSpec("unet-128-256-512", SMALL, batch=2, latent=32, context=768, steps=3, rounds=3),
+    return [ModelSpec("unet-128-256-512", SMALL, batch=2, latent=32, context=768, steps=3, rounds=2),
             ModelSpec("sd15-unet", SD15, batch=1, latent=32, context=768, steps=2, rounds=2)]
 
 

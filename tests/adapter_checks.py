@@ -64,3 +64,20 @@ def check_identity_at_init(adapter: Adapter, x: torch.Tensor) -> None:
     with torch.no_grad():
         assert torch.equal(adapter(x), adapter.base(x))
         assert adapter.delta_weight().abs().max() == 0
+
+
+def check_learns(student: Adapter, teacher: Adapter, x: torch.Tensor, steps: int = 150, lr: float = 0.05) -> None:
+    """From its zero-change init, ``student`` fits the output of a randomised ``teacher`` of the same shape:
+    the training loss must fall clearly (an adapter that is not in the graph cannot pass)."""
+    randomize(teacher, std=0.3)
+    with torch.no_grad():
+        target = teacher(x)
+    optimizer = torch.optim.Adam(student.adapter_parameters(), lr=lr)
+    losses = []
+    for _ in range(steps):
+        loss = torch.nn.functional.mse_loss(student(x), target)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.4g} -> {losses[-1]:.4g}"

@@ -1,6 +1,6 @@
 import pytest
 import torch
-from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, input_for,
+from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, check_learns, input_for,
                             merged_reference, randomize)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -192,3 +192,12 @@ def test_merged_path_also_differentiates_an_unfrozen_base(kind):
     reference = torch.autograd.grad(merged_reference(ad, x).square().sum(), params)
     for got, expected in zip(ours, reference):
         assert_rel_close(got, expected, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("path", PATHS)
+def test_learns(kind, path):
+    student, teacher = make(kind), make(kind)
+    teacher.base.load_state_dict(student.base.state_dict())
+    student.forward_path = path
+    check_learns(student, teacher, input_for(student.base, batch=8))

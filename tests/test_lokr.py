@@ -1,6 +1,6 @@
 import pytest
 import torch
-from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, input_for,
+from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, check_learns, input_for,
                             merged_reference, randomize)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -188,3 +188,11 @@ def test_property_forward_equals_merged_and_lycoris(out_ch, in_ch, rank, factor,
     with torch.no_grad():
         assert_rel_close(ad.delta_weight(), lycoris_delta(ad))
         assert_rel_close(ad(x), merged_reference(ad, x))
+
+
+@pytest.mark.parametrize("kind", LAYERS)
+@pytest.mark.parametrize("option", ["w2-decomposed", "both-decomposed", "forced-full"])
+def test_learns(kind, option):
+    student, teacher = make(kind, option), make(kind, option)
+    teacher.base.load_state_dict(student.base.state_dict())
+    check_learns(student, teacher, input_for(student.base, batch=8))

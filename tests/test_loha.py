@@ -201,3 +201,18 @@ def test_learns(kind, path):
     teacher.base.load_state_dict(student.base.state_dict())
     student.forward_path = path
     check_learns(student, teacher, input_for(student.base, batch=8))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3-tucker"])
+@pytest.mark.parametrize("path", PATHS)
+def test_trains_under_bf16_autocast(kind, path):
+    ad = make(kind)
+    randomize(ad)
+    ad.forward_path = path
+    x = input_for(ad.base)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ad(x)
+    out.float().square().sum().backward()
+    reference = merged_reference(ad, x)
+    assert_rel_close(out.float(), reference, rtol=5e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ad.adapter_parameters())

@@ -196,3 +196,15 @@ def test_learns(kind, option):
     student, teacher = make(kind, option), make(kind, option)
     teacher.base.load_state_dict(student.base.state_dict())
     check_learns(student, teacher, input_for(student.base, batch=8))
+
+
+@pytest.mark.parametrize("kind", ["linear", "conv3x3"])
+def test_trains_under_bf16_autocast(kind):
+    ad = make(kind, "both-decomposed")
+    randomize(ad)
+    x = input_for(ad.base)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ad(x)
+    out.float().square().sum().backward()
+    assert_rel_close(out.float(), merged_reference(ad, x), rtol=5e-2)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in ad.adapter_parameters())

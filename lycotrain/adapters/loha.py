@@ -143,8 +143,11 @@ class _MergedLoHa(torch.autograd.Function):
         with torch.enable_grad():
             w1 = hada_factor(w1a, w1b, t1, weight.shape)
             w2 = hada_factor(w2a, w2b, t2, weight.shape)
-        merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(x.dtype)
-        grad_x, grad_w = _weight_and_input_grads(grad_out, x, merged, ctx.conv, ctx.needs_input_grad[0])
+        # under autocast grad_out has the autocast dtype, not x's: compute in grad_out's, return in the inputs'
+        dtype = grad_out.dtype
+        merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(dtype)
+        grad_x, grad_w = _weight_and_input_grads(grad_out, x.to(dtype), merged, ctx.conv, ctx.needs_input_grad[0])
+        grad_x = None if grad_x is None else grad_x.to(x.dtype)
         grad_delta = grad_w.float() * _per_row(ctx.scale, grad_w.dim())
         trainable = [f for f in factors if f is not None]
         factor_grads = iter(torch.autograd.grad([w1, w2], trainable,
@@ -152,6 +155,7 @@ class _MergedLoHa(torch.autograd.Function):
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)) if ctx.conv else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
+            grad_bias = grad_bias.to(weight.dtype)
         grad_weight = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
         return (grad_x, grad_weight, grad_bias, None, None,
                 *[None if f is None else next(factor_grads) for f in factors])

@@ -16,6 +16,8 @@ LAYERS = {
     "linear": lambda: nn.Linear(12, 10),
     "conv1x1": lambda: nn.Conv2d(6, 8, 1),
     "conv3x3": lambda: nn.Conv2d(6, 8, 3, padding=1),
+    "conv1x1_narrowing_strided": lambda: nn.Conv2d(8, 6, 1, stride=2),
+    "linear_narrowing": lambda: nn.Linear(12, 5),
 }
 
 

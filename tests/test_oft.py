@@ -17,6 +17,7 @@ LAYERS = {
     "linear": lambda: nn.Linear(40, 24),
     "conv1x1": lambda: nn.Conv2d(6, 24, 1),
     "conv3x3": lambda: nn.Conv2d(6, 24, 3, padding=1),
+    "conv3x3_strided": lambda: nn.Conv2d(6, 24, 3, stride=2),
 }
 
 

@@ -26,6 +26,7 @@ Multiplier: ``m`` interpolates linearly, H_m = I + m (H - I). It is what the exp
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Any
 
@@ -47,13 +48,19 @@ def hra_orthonormal_basis(u: torch.Tensor) -> torch.Tensor:
     return torch.linalg.qr(u, mode="reduced").Q
 
 
+@functools.lru_cache(maxsize=32)
+def _wy_mask(rank: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """1 above the diagonal, 1/2 on it, 0 below: T = mask ⊙ UᵀU in one multiply."""
+    return torch.triu(torch.ones(rank, rank, dtype=dtype, device=device)) - 0.5 * torch.eye(rank, dtype=dtype,
+                                                                                              device=device)
+
+
 def hra_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
     """(V, T) with H = I - V T⁻¹ Vᵀ exactly as PEFT's H; T is upper triangular (r x r)."""
     if apply_gs:
         q = hra_orthonormal_basis(u)
         return q, 0.5 * torch.eye(q.shape[1], dtype=q.dtype, device=q.device)
-    gram = u.t() @ u
-    return u, torch.triu(gram, diagonal=1) + 0.5 * torch.diag_embed(torch.diagonal(gram))
+    return u, (u.t() @ u) * _wy_mask(u.shape[1], u.dtype, u.device)
 
 
 def hra_apply_right(rows: torch.Tensor, v: torch.Tensor, t: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
@@ -68,6 +75,16 @@ def hra_apply_right(rows: torch.Tensor, v: torch.Tensor, t: torch.Tensor, multip
 def hra_input_map(v: torch.Tensor, t: torch.Tensor, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) with H_m x = x - up (down x): down = Vᵀ (r x d), up = m V T⁻¹ (d x r), for the input side."""
     return v.t(), multiplier * torch.linalg.solve_triangular(t, v, upper=True, left=False)
+
+
+def hra_output_map(weight_flat: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
+                   multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(down, up) with W H_m = W + up @ down: down = Vᵀ (r x d), up = -m (W V) T⁻¹ (out x r).
+
+    HRA's delta is a rank-r LoRA whose up factor depends on the frozen W; building it costs out x d x r per step.
+    """
+    up = torch.linalg.solve_triangular(t, weight_flat @ v.to(weight_flat.dtype), upper=True, left=False)
+    return v.t(), -multiplier * up
 
 
 def hra_delta(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False, multiplier: float = 1.0) -> torch.Tensor:
@@ -98,6 +115,7 @@ def hra_orthogonality(u: torch.Tensor) -> torch.Tensor:
     return torch.linalg.matrix_norm(eye - u_hat.t() @ u_hat)
 
 
+@torch.no_grad()
 def hra_to_lora_factors(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False,
                         multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact rank-r LoRA of an HRA delta: ΔW = [W (H - I) Q] Qᵀ (specs/webui-formats.md §3.6).
@@ -159,19 +177,27 @@ class HRAAdapter(Adapter):
         return hra_delta(self.base.weight, self.hra_u, self.apply_gs, multiplier)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        # Two exact low-rank forms; pick the one whose full-size elementwise work is on the narrower side:
+        # input side base(H_m x) when in <= out (Linear / 1x1), else W x + up (down x) with up = -m W V T⁻¹
+        # (always for kxk convs, which then need no weight-gradient convolution).
         v, t = hra_factors(self.hra_u, self.apply_gs)
-        if not self.is_pointwise:
-            weight = self.base.weight
-            flat = weight.reshape(weight.shape[0], -1)
-            rotated = hra_apply_right(flat, v, t, self.multiplier)
-            return self.base_op(x, rotated.reshape(weight.shape), self.base.bias)
-        down, up = hra_input_map(v, t, self.multiplier)
-        down, up = down.to(x.dtype), up.to(x.dtype)
-        if self.is_conv:  # 1x1: the same map on the channel axis of every pixel
-            moved = F.conv2d(F.conv2d(x, down[:, :, None, None]), up[:, :, None, None])
+        if self.is_pointwise and self.in_features <= self.out_features:
+            down, up = hra_input_map(v, t, self.multiplier)
+            return self.base(x - self._low_rank(x, down.to(x.dtype), up.to(x.dtype), like_base=False))
+        weight = self.base.weight
+        down, up = hra_output_map(weight.reshape(weight.shape[0], -1), v, t, self.multiplier)
+        return self.base(x) + self._low_rank(x, down.to(x.dtype), up.to(x.dtype), like_base=True)
+
+    def _low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, like_base: bool) -> torch.Tensor:
+        """up @ (down x). For convs, ``like_base`` applies ``down`` with the base's kernel, stride and padding
+        (an output-side term); otherwise as a 1x1 map at the input's resolution (an input-side term)."""
+        if not self.is_conv:
+            return (x @ down.t()) @ up.t()
+        if like_base:
+            hidden = self.base_op(x, down.reshape(down.shape[0], *self.base.weight.shape[1:]))
         else:
-            moved = (x @ down.t()) @ up.t()
-        return self.base(x - moved)
+            hidden = F.conv2d(x, down[:, :, None, None])
+        return F.conv2d(hidden, up[:, :, None, None])
 
     def extra_loss(self) -> torch.Tensor | None:
         if self.reg_lambda == 0.0:

@@ -72,3 +72,18 @@ def test_adapters_outside_the_graph_are_an_error(tmp_path, assets):
     model, data = assets
     result = train(image_config(tmp_path / "run", model, data), task=Detached())
     assert result["status"] == "failed" and "not in the model's forward pass" in result["message"]
+
+
+@pytest.mark.parametrize("as_lora", [False, True])
+def test_oft_export_for_forge(tmp_path, assets, as_lora):
+    """Forge loads no OFT file; save.oft_as_lora writes the exact LoRA, which every WebUI loads alike."""
+    import json
+
+    model, data = assets
+    config = image_config(tmp_path / "run", model, data, network={"method": "oft"}, training={"max_steps": 2},
+                          save={"oft_as_lora": as_lora})
+    result = train(config)
+    assert result["status"] == "finished", result["message"]
+    loaders = json.loads(result["outputs"]["compat_json"].read_text())["loaders"]
+    assert loaders["forge"]["rejected"] is (not as_lora)
+    assert loaders["a1111"]["max_rel_diff_m1"] < 1e-3

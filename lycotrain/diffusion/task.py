@@ -280,7 +280,8 @@ class DiffusionTask:
 
         path = Path(out_dir) / f"{self.output_name}.safetensors"
         result = save_webui_file(path, self.adapters, family=self.family, unet_config=self.pipeline.unet.config,
-                                 metadata=self._metadata(step), dtype=self.config.save.dtype)
+                                 metadata=self._metadata(step), dtype=self.config.save.dtype,
+                                 oft_as_lora=self.config.save.oft_as_lora)
         for warning in result.warnings:
             self.events.emit("warning", message=warning)
         outputs = {"adapter": path}
@@ -300,7 +301,8 @@ class DiffusionTask:
         from lycotrain.formats.metadata import build_metadata
 
         c, n = self.config, self.config.network
-        stored = "lora" if n.method == "hra" else n.method  # HRA is written as its exact LoRA
+        as_lora = n.method == "hra" or (n.method == "oft" and c.save.oft_as_lora)
+        stored = "lora" if as_lora else n.method  # HRA (and OFT on request) are written as their exact LoRA
         rank = n.block_size if n.method == "oft" else n.rank
         return build_metadata(
             family=self.family, method=stored, rank=rank, alpha=n.alpha or rank, output_name=self.output_name,

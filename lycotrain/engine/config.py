@@ -187,6 +187,8 @@ class SaveConfig:
     output_name: str = _f("", help="file name of the exported adapter; empty: the run folder's name")
     merged_model: bool = _f(False, task="text", help="LoRA/AdaLoRA: also save the base model with the adapter "
                                                      "merged in (RUN_DIR/merged)")
+    oft_as_lora: bool = _f(False, task="image",
+                           help="write OFT as its exact LoRA (Forge does not load OFT; A1111 and ComfyUI do)")
     activation_text: str = _f("", task="image", help="A1111 sidecar activation text (trigger words)")
     preferred_weight: float = _f(1.0, lo=0.0, hi=10.0, task="image", help="A1111 sidecar preferred weight")
 

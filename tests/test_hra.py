@@ -87,8 +87,13 @@ def test_hra_matches_peft(kind, apply_gs, rank):
     randomize(adapter)
     reference = peft_layer(layer, rank, apply_gs, adapter.hra_u.detach())
     x = sample_input(layer)
+    out, expected = adapter(x), reference(x)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    weights = torch.randn_like(out)
+    (out * weights).sum().backward()
+    (expected * weights).sum().backward()  # the same loss through peft: the training gradients agree too
+    torch.testing.assert_close(adapter.hra_u.grad, reference.hra_u["default"].grad, rtol=1e-4, atol=1e-5)
     with torch.no_grad():
-        torch.testing.assert_close(adapter(x), reference(x), rtol=1e-5, atol=1e-5)
         peft_delta = flat(original) @ reference.get_delta_weight("default") - flat(original)
         torch.testing.assert_close(adapter.delta_weight(), peft_delta.reshape(original.shape), rtol=1e-5, atol=1e-6)
         reference.merge()  # peft's merge, W <- W H
@@ -136,7 +141,7 @@ def test_identity_at_init_and_only_adapter_gradients(kind):
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-@pytest.mark.parametrize("m", [1.0, 0.7, -0.5])
+@pytest.mark.parametrize("m", [1.0, 0.7, -0.5, 0.0])
 def test_multiplier_is_linear_and_merge_roundtrips(kind, m):
     layer = LAYERS[kind]()
     original = layer.weight.detach().clone()

@@ -102,7 +102,8 @@ def test_oft_matches_lycoris(kind, constraint, rescaled, m):
 
 @pytest.mark.parametrize("kind", LAYERS)
 def test_oft_forward_equals_lycoris_module_forward(kind):
-    """LyCORIS' own weight-mode forward (base + conv/linear with ΔW, bias untouched), at m = 1 and m = 0.5."""
+    """LyCORIS' own weight-mode forward (base + conv/linear with ΔW, bias untouched) and its gradients,
+    at m = 1 and m = 0.5."""
     from lycoris.modules.diag_oft import DiagOFTModule
 
     torch.manual_seed(2)
@@ -113,8 +114,13 @@ def test_oft_forward_equals_lycoris_module_forward(kind):
         module = DiagOFTModule("t", layer, multiplier=m, lora_dim=4, constraint=1e-2)
         with torch.no_grad():
             module.oft_blocks.copy_(adapter.oft_blocks)
-            x = sample_input(layer)
-            assert_rel_close(adapter(x), module(x))
+        x = sample_input(layer)
+        out, expected = adapter(x), module(x)
+        assert_rel_close(out, expected)
+        weights = torch.randn_like(out)
+        (out * weights).sum().backward()
+        (expected * weights).sum().backward()  # the same loss through LyCORIS: the training gradients agree
+        assert_rel_close(adapter.oft_blocks.grad, module.oft_blocks.grad, rel=1e-4)
 
 
 @pytest.mark.parametrize("out, lora_dim", [(320, 32), (320, 8), (640, 16), (768, 4), (1280, 32), (24, 5), (7, 4)])

@@ -16,9 +16,10 @@ Compact WY form (Joffrain et al., "Accumulating Householder transformations, rev
     Π_i (I - 2 u_i u_iᵀ / ‖u_i‖²) = I - U T⁻¹ Uᵀ,
 
 so every HRA transform here is H = I - V T⁻¹ Vᵀ with (V, T) = (U, that T) or (Q, I/2) for Gram-Schmidt.
-Training never builds H (in x in) or W': for Linear and 1x1 convolutions the adapter transforms the input,
-y = W (H_m x) = base(x - m V T⁻¹ Vᵀ x), two thin matmuls (the cost of a rank-r LoRA); for kxk convolutions
-it transforms the flattened filter, W - m (W V) T⁻¹ Vᵀ (cost out x in·k·k x r), and runs one conv.
+Training never builds H (in x in) or W'. Both exact forms cost like a rank-r LoRA:
+* input side, base(H_m x) = base(x - m V T⁻¹ Vᵀ x), for Linear / 1x1 layers with in <= out;
+* output side, W x + up (down x) with down = Vᵀ and up = -m (W V) T⁻¹ (out x r, rebuilt from the frozen W
+  each step), for narrowing layers and every kxk conv (a rank-r "LoCon": no weight-gradient convolution).
 
 Multiplier: ``m`` interpolates linearly, H_m = I + m (H - I). It is what the exported LoRA does at strength m
 (the WebUIs scale a LoRA delta linearly), so training previews, merge and export agree.
@@ -63,15 +64,6 @@ def hra_factors(u: torch.Tensor, apply_gs: bool = False) -> tuple[torch.Tensor, 
     return u, (u.t() @ u) * _wy_mask(u.shape[1], u.dtype, u.device)
 
 
-def hra_apply_right(rows: torch.Tensor, v: torch.Tensor, t: torch.Tensor, multiplier: float = 1.0) -> torch.Tensor:
-    """rows · H_m = rows - m (rows V) T⁻¹ Vᵀ for a matrix whose rows live in input space (a weight).
-
-    The small factors are solved in their own precision, then cast to the dtype of ``rows``.
-    """
-    coefficients = torch.linalg.solve_triangular(t, v.t(), upper=True)  # T⁻¹ Vᵀ  (r x d)
-    return rows - multiplier * (rows @ v.to(rows.dtype)) @ coefficients.to(rows.dtype)
-
-
 def hra_input_map(v: torch.Tensor, t: torch.Tensor, multiplier: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
     """(down, up) with H_m x = x - up (down x): down = Vᵀ (r x d), up = m V T⁻¹ (d x r), for the input side."""
     return v.t(), multiplier * torch.linalg.solve_triangular(t, v, upper=True, left=False)
@@ -88,10 +80,10 @@ def hra_output_map(weight_flat: torch.Tensor, v: torch.Tensor, t: torch.Tensor,
 
 
 def hra_delta(weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False, multiplier: float = 1.0) -> torch.Tensor:
-    """ΔW = m · W (H - I) in fp32, shaped like ``weight`` (conv filters flattened as (out, in·kh·kw))."""
-    w = weight.float().reshape(weight.shape[0], -1)
+    """ΔW = m · W (H - I) = up @ down in fp32, shaped like ``weight`` (conv filters flattened as (out, in·kh·kw))."""
     v, t = hra_factors(u.float(), apply_gs)
-    return (hra_apply_right(w, v, t, multiplier) - w).reshape(weight.shape)
+    down, up = hra_output_map(weight.float().reshape(weight.shape[0], -1), v, t, multiplier)
+    return (up @ down).reshape(weight.shape)
 
 
 def hra_unapply(merged_weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = False,
@@ -101,6 +93,8 @@ def hra_unapply(merged_weight: torch.Tensor, u: torch.Tensor, apply_gs: bool = F
     H_m = (1 - m) I + m H with H orthogonal, so H_m is well conditioned unless m is near 1/2 (where it can
     be singular: odd r, Gram-Schmidt, or orthogonal u); :meth:`HRAAdapter.merge` refuses that case.
     """
+    if multiplier == 0.0:
+        return merged_weight.float()
     w = merged_weight.float().reshape(merged_weight.shape[0], -1)
     v, t = hra_factors(u.float(), apply_gs)
     core = torch.linalg.solve(t / multiplier - v.t() @ v, v.t())  # (T/m - VᵀV)⁻¹ Vᵀ

@@ -13,10 +13,12 @@ Math (LyCORIS ``functional/diag_oft.py``; A1111 ``network_oft.py`` computes the 
 
 Training never builds W' nor a block-diagonal matrix. Output channel o of a Linear *or* of a convolution
 depends on filter W[o] only, so rotating the filters of a block equals rotating that block of the output:
-the adapter runs the frozen layer without its bias, rotates the output channels with one small batched
-matmul (cost tokens x out x bs, like a rank-bs/2 LoRA) and adds the bias back (the WebUIs rotate the weight,
-never the bias). For a kxk convolution this also avoids the full weight-gradient convolution that rotating
-the weight would cost in the backward pass.
+the adapter runs the frozen layer without its bias, rotates each block of output channels with one batched
+matmul of small blocks that also adds the bias back (cost tokens x out x bs, like a rank-bs/2 LoRA; the
+WebUIs rotate the weight, never the bias). Linear outputs are computed transposed, (out, tokens), so the
+channel blocks are contiguous rows, as they already are in NCHW conv outputs. For a kxk convolution this
+also avoids the full weight-gradient convolution that rotating the weight would cost in the backward pass
+(measured: +5 % over the frozen conv step instead of +65 %).
 """
 
 from __future__ import annotations

@@ -171,22 +171,25 @@ class HRAAdapter(Adapter):
         return hra_delta(self.base.weight, self.hra_u, self.apply_gs, multiplier)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        # Two exact low-rank forms; pick the one whose full-size elementwise work is on the narrower side:
-        # input side base(H_m x) when in <= out (Linear / 1x1), else W x + up (down x) with up = -m W V T⁻¹
-        # (always for kxk convs, which then need no weight-gradient convolution).
+        # Two exact low-rank forms. Input side, base(H_m x): ~3·tokens·in·r (two thin matmuls + passes over x).
+        # Output side, W x + up (down x) with up = -m W V T⁻¹: ~tokens·(in + 2·out)·r plus 2·out·in·r to build
+        # and differentiate W V. Take the cheaper; kxk convs always use the output side (no weight-gradient conv).
         v, t = hra_factors(self.hra_u, self.apply_gs)
-        if self.is_pointwise and self.in_features <= self.out_features:
+        tokens = x.numel() // self.in_features
+        if self.is_pointwise and tokens * (self.in_features - self.out_features) <= self.out_features * self.in_features:
             down, up = hra_input_map(v, t, self.multiplier)
-            return self.base(x - self._low_rank(x, down.to(x.dtype), up.to(x.dtype), like_base=False))
+            return self.base(x - self._low_rank(x, down, up, like_base=False))
         weight = self.base.weight
         down, up = hra_output_map(weight.reshape(weight.shape[0], -1), v, t, self.multiplier)
-        return self.base(x) + self._low_rank(x, down.to(x.dtype), up.to(x.dtype), like_base=True)
+        return self.base(x) + self._low_rank(x, down, up, like_base=True)
 
     def _low_rank(self, x: torch.Tensor, down: torch.Tensor, up: torch.Tensor, like_base: bool) -> torch.Tensor:
         """up @ (down x). For convs, ``like_base`` applies ``down`` with the base's kernel, stride and padding
         (an output-side term); otherwise as a 1x1 map at the input's resolution (an input-side term)."""
+        # contiguous (r, d) / (d', r) factors: F.linear on them is ~2x faster than x @ V on CPU
+        down, up = down.to(x.dtype).contiguous(), up.to(x.dtype).contiguous()
         if not self.is_conv:
-            return (x @ down.t()) @ up.t()
+            return F.linear(F.linear(x, down), up)
         if like_base:
             hidden = self.base_op(x, down.reshape(down.shape[0], *self.base.weight.shape[1:]))
         else:

@@ -19,3 +19,13 @@ def test_lora_identity_at_init_and_delta_matches_forward(layer):
     torch.testing.assert_close(ad(x), out, rtol=1e-5, atol=1e-5)
     ad.unmerge()
     torch.testing.assert_close(ad.base.weight, layer.weight)
+
+
+def test_loaded_alpha_reaches_the_forward_scale():
+    source = LoRAAdapter(nn.Linear(6, 5), rank=4, alpha=2)
+    nn.init.normal_(source.lora_up.weight)
+    target = LoRAAdapter(nn.Linear(6, 5), rank=4, alpha=4)
+    target.load_state_dict(source.state_dict())
+    assert target.scale == source.scale == 0.5
+    x = torch.randn(3, 6)
+    torch.testing.assert_close(target(x), source(x))

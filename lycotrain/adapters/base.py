@@ -94,6 +94,21 @@ class Adapter(nn.Module):
         """The constructor arguments that rebuild this adapter's shape (rank, factor, ...)."""
         return {}
 
+    # ---- the per-module ``alpha`` of the file format -----------------------------------------------
+    def register_alpha(self, value: float) -> None:
+        """Store ``alpha`` as the 0-d buffer the file format wants, and as a Python float for the hot path.
+
+        Reading a tensor with ``float()`` in every forward would force a device sync per layer on a GPU, so
+        the float is cached and refreshed whenever a state dict is loaded.
+        """
+        self.register_buffer("alpha", torch.tensor(float(value)))
+        self.alpha_value = float(self.alpha)  # the fp32-rounded value, as it reads back from a file
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        if isinstance(getattr(self, "alpha", None), torch.Tensor):
+            self.alpha_value = float(self.alpha)
+
     # ---- shared behaviour -----------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged or self.multiplier == 0.0:

@@ -54,7 +54,7 @@ class LoRAAdapter(Adapter):
         self.dropout = float(dropout)
         self.rank_dropout_p = float(rank_dropout)
         self.use_tucker = bool(use_tucker) and not self.is_pointwise
-        self.register_buffer("alpha", torch.tensor(float(alpha if alpha else rank)))
+        self.register_alpha(alpha if alpha else rank)
         self._build_layers()
         self.reset_parameters()
 
@@ -82,7 +82,7 @@ class LoRAAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return scale_from_alpha(float(self.alpha), self.rank)
+        return scale_from_alpha(self.alpha_value, self.rank)
 
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
         mid = None if self.lora_mid is None else self.lora_mid.weight
@@ -100,4 +100,4 @@ class LoRAAdapter(Adapter):
         return self.base(x) + self.lora_up(lx) * (self.multiplier * self.scale)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": float(self.alpha), "use_tucker": self.use_tucker}
+        return {"rank": self.rank, "alpha": self.alpha_value, "use_tucker": self.use_tucker}

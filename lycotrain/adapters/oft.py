@@ -140,7 +140,7 @@ class OFTAdapter(Adapter):
         if constraint < 0:
             raise AdapterError(f"oft: constraint must be >= 0 (0 = unconstrained), got {constraint}")
         self.block_size, self.block_num = oft_block_geometry(self.out_features, block_size)
-        self.register_buffer("alpha", torch.tensor(float(constraint)))
+        self.register_alpha(constraint)
         self.oft_blocks = nn.Parameter(torch.zeros(self.block_num, self.block_size, self.block_size))
         self.rescale: nn.Parameter | None = None
         if rescaled:
@@ -149,7 +149,7 @@ class OFTAdapter(Adapter):
     @property
     def constraint(self) -> float:
         """κ_eff = alpha · out (LyCORIS ``diag_oft.py``: the file stores the ratio, the math uses it times out)."""
-        return float(self.alpha) * self.out_features
+        return self.alpha_value * self.out_features
 
     def delta_weight(self, multiplier: float = 1.0) -> torch.Tensor:
         return oft_delta(self.base.weight, self.oft_blocks, self.rescale, self.constraint, multiplier)
@@ -182,4 +182,4 @@ class OFTAdapter(Adapter):
         weight.copy_(restored.to(weight.dtype))
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"block_size": self.block_size, "constraint": float(self.alpha), "rescaled": self.rescale is not None}
+        return {"block_size": self.block_size, "constraint": self.alpha_value, "rescaled": self.rescale is not None}

@@ -114,3 +114,9 @@ def test_field_help_for_widgets():
     assert field_help("training", "lr")["lo_open"] is True
     with pytest.raises(ConfigError):
         field_help("network", "nope")
+
+
+def test_hra_needs_an_even_rank_to_start_from_the_unchanged_model():
+    with pytest.raises(ConfigError, match=r"network.rank \(5\) must be even for HRA"):
+        Config.from_dict({"task": "image", "run_dir": "r", "network": {"method": "hra", "rank": 5}})
+    Config.from_dict({"task": "image", "run_dir": "r", "network": {"method": "hra", "rank": 5, "hra_apply_gs": True}})

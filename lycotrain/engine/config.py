@@ -100,7 +100,8 @@ class NetworkConfig:
     block_size: int = _f(8, lo=1, task="image", help="OFT block size")
     constraint: float = _f(0.0, lo=0.0, task="image", help="OFT (COFT) constraint; 0 = none")
     rescaled: bool = _f(False, task="image", help="OFT rescaled output")
-    hra_apply_gs: bool = _f(False, task="image", help="HRA: Gram-Schmidt orthogonalisation")
+    hra_apply_gs: bool = _f(False, task="image", help="HRA: Gram-Schmidt orthogonalisation (as peft; the model then\n"
+                        "starts as a reflection of every adapted input, not unchanged)")
     hra_lambda: float = _f(0.0, lo=0.0, task="image", help="HRA orthogonality regulariser weight")
     rank_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, task="image")
     module_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, task="image")
@@ -273,6 +274,11 @@ class Config:
                               "train")
         if n.factor == 0:
             raise ConfigError("network.factor must be -1 (automatic) or >= 1, got 0")
+        if n.method == "hra" and not n.hra_apply_gs:
+            for name in ("rank", "conv_rank"):
+                if getattr(n, name) % 2:
+                    raise ConfigError(f"network.{name} ({getattr(n, name)}) must be even for HRA: the reflections "
+                                      "start in equal pairs so that training starts from the unchanged model")
         for index, prompt in enumerate(self.sample.prompts):
             for side in ("width", "height"):
                 if getattr(prompt, side) % 8:

@@ -100,7 +100,7 @@ class NetworkConfig:
     block_size: int = _f(8, lo=1, task="image", help="OFT block size")
     constraint: float = _f(0.0, lo=0.0, task="image", help="OFT (COFT) constraint; 0 = none")
     rescaled: bool = _f(False, task="image", help="OFT rescaled output")
-    hra_apply_gs: bool = _f(False, task="image", help="HRA: Gram-Schmidt orthogonalisation (as peft; the model then\n"
+    hra_apply_gs: bool = _f(False, task="image", help="HRA: Gram-Schmidt orthogonalisation (as peft; the model then "
                         "starts as a reflection of every adapted input, not unchanged)")
     hra_lambda: float = _f(0.0, lo=0.0, task="image", help="HRA orthogonality regulariser weight")
     rank_dropout: float = _f(0.0, lo=0.0, hi=1.0, hi_open=True, task="image")

@@ -12,8 +12,9 @@ The floor is the frozen model, forward + backward to the input. Saved-activation
 unique storages that autograd saves during one step, parameters excluded (``saved_tensors_hooks``).
 
 Models: (a) a small SD-style UNet with block_out_channels (128, 256, 512) at batch 2 x 4 x 32 x 32 latents;
-(b) the SD1.5-size UNet at 32 x 32 latents. ``--quick`` runs (a) only, at 16 x 16 latents with fewer steps
-and rounds, in about a minute on an idle 2-core machine. Results: ``--json`` records, and a markdown table of ratios in ``benchmarks/results/``.
+(b) the SD1.5-size UNet at 32 x 32 latents. ``--quick`` runs (a) only, at 16 x 16 latents, one round, in
+about a minute on an idle 2-core machine: a smoke run whose ratios are noisier (few tokens, one round); the
+full run is the reference. Results: ``--json`` records, and a markdown table of ratios in ``benchmarks/results/``.
 Compare ratios, never absolute times (CPU, one thread).
 """
 
@@ -63,7 +64,7 @@ SD15 = dict(block_out_channels=(320, 640, 1280, 1280), layers_per_block=2, cross
 
 def model_specs(quick: bool) -> list[ModelSpec]:
     if quick:
-        return [ModelSpec("unet-128-256-512 (16x16)", SMALL, batch=2, latent=16, context=768, steps=2, rounds=2)]
+        return [ModelSpec("unet-128-256-512 (16x16)", SMALL, batch=2, latent=16, context=768, steps=3, rounds=1)]
     return [ModelSpec("unet-128-256-512", SMALL, batch=2, latent=32, context=768, steps=3, rounds=2),
             ModelSpec("sd15-unet", SD15, batch=1, latent=32, context=768, steps=2, rounds=2)]
 
@@ -252,6 +253,19 @@ def markdown(records: list[dict[str, Any]], skipped: list[str], command: str) ->
     return "\n".join(lines) + "\n"
 
 
+def preload(methods: list[str]) -> None:
+    """Import every implementation once in the parent, so the forked cases do not each pay for it."""
+    import importlib
+
+    for name in ["peft", "lycoris.modules.locon", "lycoris.modules.loha", "lycoris.modules.lokr",
+                 "lycoris.modules.diag_oft", "lycotrain.inject",
+                 *[f"lycotrain.adapters.{m}" for m in methods if method_available(m)]]:
+        try:
+            importlib.import_module(name)
+        except ImportError:  # that implementation's cases report the error and are skipped
+            pass
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="small UNet at 16x16 latents only (~1 min)")
@@ -260,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    preload(args.methods)
     records, skipped = [], []
     for spec in model_specs(args.quick):
         unet = build_unet(spec)

@@ -6,7 +6,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test test-all app bench clean
+.PHONY: setup demo test test-slow test-all app bench clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest
+
+test-slow: setup
+	$(PY) -m pytest -m slow
 
 test-all: setup
 	$(PY) -m pytest -m ''

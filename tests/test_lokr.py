@@ -175,9 +175,9 @@ def test_registry_builds_lokr():
 
 
 @settings(max_examples=25, deadline=None)
-@given(out_ch=st.integers(1, 24), in_ch=st.integers(1, 24), rank=st.integers(1, 8), factor=st.sampled_from([-1, 2, 3, 4]),
-       kernel=st.sampled_from([1, 3]), stride=st.integers(1, 2), conv=st.booleans(), decompose_both=st.booleans(),
-       full_matrix=st.booleans())
+@given(out_ch=st.integers(1, 24), in_ch=st.integers(1, 24), rank=st.integers(1, 8),
+       factor=st.sampled_from([-1, 2, 3, 4]), kernel=st.sampled_from([1, 3]), stride=st.integers(1, 2),
+       conv=st.booleans(), decompose_both=st.booleans(), full_matrix=st.booleans())
 def test_property_forward_equals_merged_and_lycoris(out_ch, in_ch, rank, factor, kernel, stride, conv,
                                                     decompose_both, full_matrix):
     layer = nn.Conv2d(in_ch, out_ch, kernel, stride=stride, padding=kernel // 2) if conv else nn.Linear(in_ch, out_ch)

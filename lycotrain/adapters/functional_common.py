@@ -9,6 +9,14 @@ import torch.nn.functional as F
 from torch import nn
 
 
+Scale = float | torch.Tensor  # a scalar, or one value per output channel (rank dropout folded in)
+
+
+def per_row(scale: Scale, ndim: int) -> Scale:
+    """Broadcast a per-output-channel scale over a tensor whose first dim is the output channel."""
+    return scale.reshape(-1, *[1] * (ndim - 1)) if isinstance(scale, torch.Tensor) else scale
+
+
 class ConvArgs(NamedTuple):
     """The spatial arguments of a base ``nn.Conv2d`` (groups are always 1 for adapted layers)."""
 

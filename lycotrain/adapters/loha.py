@@ -30,19 +30,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from lycotrain.adapters.base import Adapter, BaseLayer, scale_from_alpha
-from lycotrain.adapters.functional_common import (ConvArgs, apply_weight, conv_args_of, output_positions,
-                                                  row_dropout_scale)
+from lycotrain.adapters.functional_common import (ConvArgs, Scale, apply_weight, conv_args_of, output_positions,
+                                                  per_row, row_dropout_scale)
 from lycotrain.errors import AdapterError
-
-Scale = float | torch.Tensor  # a scalar, or one value per output channel (rank dropout folded in)
 
 
 # ---- pure functions ---------------------------------------------------------------------------------
-def _per_row(scale: Scale, ndim: int) -> Scale:
-    """Broadcast a per-output-channel scale over a tensor whose first dim is the output channel."""
-    return scale.reshape(-1, *[1] * (ndim - 1)) if isinstance(scale, torch.Tensor) else scale
-
-
 def hada_factor(a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None,
                 weight_shape: torch.Size) -> torch.Tensor:
     """One Hadamard factor Wk in the base weight's shape (fp32): ``a @ b``, or the Tucker product."""
@@ -56,7 +49,7 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
                weight_shape: torch.Size) -> torch.Tensor:
     """delta W = scale * (W1 ⊙ W2), shaped like the base weight (fp32)."""
     delta = hada_factor(w1a, w1b, t1, weight_shape) * hada_factor(w2a, w2b, t2, weight_shape)
-    return delta * _per_row(scale, delta.dim())
+    return delta * per_row(scale, delta.dim())
 
 
 def khatri_rao_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
@@ -82,7 +75,7 @@ def loha_factored_forward(x: torch.Tensor, base_out: torch.Tensor, w1a: torch.Te
     output, which on a CPU costs about as much as the thin r^2 matmuls themselves.
     """
     p, core, q = khatri_rao_factors(w1a, w1b, w2a, w2b, t1, t2)
-    p = p * _per_row(scale, 2)
+    p = p * per_row(scale, 2)
     r2 = p.shape[1]
     if conv is None:
         h = F.linear(x, q).reshape(-1, r2)
@@ -112,7 +105,7 @@ def _weight_and_input_grads(grad_out: torch.Tensor, x: torch.Tensor, weight: tor
 def _merge(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: Scale) -> torch.Tensor:
     """W + scale * (W1 ⊙ W2) in one pass over the weight (fp32)."""
     if isinstance(scale, torch.Tensor):
-        return torch.addcmul(weight.float(), w1 * _per_row(scale, w1.dim()), w2)
+        return torch.addcmul(weight.float(), w1 * per_row(scale, w1.dim()), w2)
     return torch.addcmul(weight.float(), w1, w2, value=scale)
 
 
@@ -148,7 +141,7 @@ class _MergedLoHa(torch.autograd.Function):
         merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(dtype)
         grad_x, grad_w = _weight_and_input_grads(grad_out, x.to(dtype), merged, ctx.conv, ctx.needs_input_grad[0])
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        grad_delta = grad_w.float() * _per_row(ctx.scale, grad_w.dim())
+        grad_delta = grad_w.float() * per_row(ctx.scale, grad_w.dim())
         trainable = [f for f in factors if f is not None]
         factor_grads = iter(torch.autograd.grad([w1, w2], trainable,
                                                 [grad_delta * w2.detach(), grad_delta * w1.detach()]))

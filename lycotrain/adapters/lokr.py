@@ -23,10 +23,9 @@ from torch import nn
 
 from lycotrain.adapters.base import Adapter, BaseLayer, scale_from_alpha
 from lycotrain.adapters.factorization import factorization
-from lycotrain.adapters.functional_common import ConvArgs, apply_weight, conv_args_of, row_dropout_scale
+from lycotrain.adapters.functional_common import (ConvArgs, Scale, apply_weight, conv_args_of, per_row,
+                                                  row_dropout_scale)
 from lycotrain.errors import AdapterError
-
-Scale = float | torch.Tensor  # a scalar, or one value per output channel (rank dropout folded in)
 
 
 # ---- pure functions ---------------------------------------------------------------------------------
@@ -65,17 +64,13 @@ def lokr_w2(w2: torch.Tensor | None, w2a: torch.Tensor | None, w2b: torch.Tensor
     return full if kernel is None else full.reshape(full.shape[0], -1, *kernel)
 
 
-def _per_row(scale: Scale, ndim: int) -> Scale:
-    return scale.reshape(-1, *[1] * (ndim - 1)) if isinstance(scale, torch.Tensor) else scale
-
-
 def lokr_delta(w1: torch.Tensor, w2: torch.Tensor, scale: Scale, weight_shape: torch.Size) -> torch.Tensor:
     """delta W = scale * kron(W1, W2) in the base weight's shape (fp32). For export, merging and tests."""
     w1 = w1.float()
     if w2.dim() == 4:
         w1 = w1[:, :, None, None]
     delta = torch.kron(w1, w2.float().contiguous()).reshape(weight_shape)
-    return delta * _per_row(scale, delta.dim())
+    return delta * per_row(scale, delta.dim())
 
 
 def _w2_cost(layout: LoKrLayout, rank: int, kernel_numel: int) -> int:

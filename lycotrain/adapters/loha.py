@@ -192,7 +192,7 @@ class LoHaAdapter(Adapter):
         self.use_tucker = bool(use_tucker) and not self.is_pointwise
         # "auto" picks the cheaper exact path per call; tests pin "factored" or "merged"
         self.forward_path = "auto"
-        self.register_buffer("alpha", torch.tensor(float(alpha if alpha else rank)))
+        self.register_alpha(alpha if alpha else rank)
         self._build_parameters()
         self.reset_parameters()
 
@@ -223,7 +223,7 @@ class LoHaAdapter(Adapter):
 
     @property
     def scale(self) -> float:
-        return scale_from_alpha(float(self.alpha), self.rank)
+        return scale_from_alpha(self.alpha_value, self.rank)
 
     def factors(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
                                torch.Tensor | None, torch.Tensor | None]:
@@ -250,4 +250,4 @@ class LoHaAdapter(Adapter):
         return loha_factored_forward(x, self.base(x), *self.factors(), scale, conv, self.kernel_size)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": float(self.alpha), "use_tucker": self.use_tucker}
+        return {"rank": self.rank, "alpha": self.alpha_value, "use_tucker": self.use_tucker}

@@ -149,7 +149,7 @@ class LoKrAdapter(Adapter):
                                   decompose_both=self.decompose_both, full_matrix=self.full_matrix)
         both_full = self.layout.w1_full and self.layout.w2_full
         # LyCORIS: both factors full => alpha := rank (scale 1); the WebUIs then ignore alpha as well
-        self.register_buffer("alpha", torch.tensor(float(rank if both_full or not alpha else alpha)))
+        self.register_alpha(rank if both_full or not alpha else alpha)
         self._build_parameters()
         self.reset_parameters()
 
@@ -177,7 +177,7 @@ class LoKrAdapter(Adapter):
         """The effective scale of kron(W1, W2): alpha / rank, or 1 when both factors are stored full."""
         if self.layout.w1_full and self.layout.w2_full:
             return 1.0
-        return scale_from_alpha(float(self.alpha), self.rank)
+        return scale_from_alpha(self.alpha_value, self.rank)
 
     def w1(self) -> torch.Tensor:
         return lokr_w1(self.lokr_w1, self.lokr_w1_a, self.lokr_w1_b)
@@ -196,5 +196,5 @@ class LoKrAdapter(Adapter):
                             self.layout, conv_args_of(self.base), self.kernel_size)
 
     def hyperparameters(self) -> dict[str, Any]:
-        return {"rank": self.rank, "alpha": float(self.alpha), "factor": self.factor,
+        return {"rank": self.rank, "alpha": self.alpha_value, "factor": self.factor,
                 "decompose_both": self.decompose_both, "full_matrix": self.full_matrix}

@@ -8,6 +8,10 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from lycotrain.errors import ModelError
+
+BUILTIN_PREFIX = "builtin:"
+
 
 def lycotrain_home() -> Path:
     """Built-in models, caches and saved presets live here: ``$LYCOTRAIN_HOME`` or ``~/.cache/lycotrain``."""
@@ -34,3 +38,13 @@ def build_folder_once(target: Path, marker: str, build: Callable[[Path], object]
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def builtin_model_folder(name: str, archs: tuple[str, ...], marker: str, build: Callable[[Path, str], object]) -> Path:
+    """Resolve ``builtin:tiny-<arch>`` to ``$LYCOTRAIN_HOME/models/tiny-<arch>``, building it on first use."""
+    short = name.removeprefix(BUILTIN_PREFIX)
+    arch = short.removeprefix("tiny-")
+    if not short.startswith("tiny-") or arch not in archs:
+        choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in archs)
+        raise ModelError(f"unknown built-in model {name!r}; choose one of {choices}")
+    return build_folder_once(lycotrain_home() / "models" / short, marker, lambda tmp: build(tmp, arch))

@@ -12,9 +12,6 @@ original layout (``single_file.py``), always offline.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,10 +19,10 @@ from typing import Any
 import torch
 
 from lycotrain.errors import ModelError
-from lycotrain.paths import build_folder_once, lycotrain_home
+from lycotrain.paths import BUILTIN_PREFIX, builtin_model_folder
 
 TINY_ARCHS = ("sd1", "sdxl")
-BUILTIN_PREFIX = "builtin:"
+
 
 # Shared tiny geometry. Channels 32/64 with 8 norm groups; the VAE has 4 blocks (downscale 8, like SD).
 _TINY_UNET: dict[str, Any] = dict(
@@ -145,25 +142,7 @@ def builtin_model_path(name: str) -> Path:
     The build happens in a temporary folder next to the target and is renamed into place, so a crash or a
     concurrent build never leaves a half-written model that a later run would trust.
     """
-    short = name.removeprefix(BUILTIN_PREFIX)
-    arch = short.removeprefix("tiny-")
-    if not short.startswith("tiny-") or arch not in TINY_ARCHS:
-        choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in TINY_ARCHS)
-        raise ModelError(f"unknown built-in model {name!r}; choose one of {choices}")
-    target = lycotrain_home() / "models" / short
-    return build_folder_once(target, "model_index.json", lambda tmp: build_tiny_pipeline(tmp, arch=arch))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{short}.", dir=target.parent))
-    try:
-        build_tiny_pipeline(tmp, arch=arch)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first (target exists and is not empty): use its copy
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return builtin_model_folder(name, TINY_ARCHS, "model_index.json", lambda folder, arch: build_tiny_pipeline(folder, arch=arch))
 
 
 # ---- loading ----------------------------------------------------------------------------------------

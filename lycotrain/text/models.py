@@ -9,18 +9,14 @@ special tokens and a small chat template), so no vocabulary is ever downloaded.
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from lycotrain.paths import build_folder_once, lycotrain_home
 from lycotrain.errors import ModelError
+from lycotrain.paths import BUILTIN_PREFIX, builtin_model_folder
 
-BUILTIN_PREFIX = "builtin:"
 TINY_ARCHS = ("llama", "mistral", "qwen2", "gpt2")
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "gpt2")
 
@@ -115,25 +111,7 @@ def builtin_model_path(name: str) -> Path:
     The build happens in a temporary folder next to the target and is renamed into place, so a crash or a
     concurrent build never leaves a half-written model that a later run would trust.
     """
-    short = name.removeprefix(BUILTIN_PREFIX)
-    arch = short.removeprefix("tiny-")
-    if not short.startswith("tiny-") or arch not in TINY_ARCHS:
-        choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in TINY_ARCHS)
-        raise ModelError(f"unknown built-in text model {name!r}; choose one of {choices}")
-    target = lycotrain_home() / "models" / short
-    return build_folder_once(target, "config.json", lambda tmp: build_tiny_causal_lm(tmp, arch=arch))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{short}.", dir=target.parent))
-    try:
-        build_tiny_causal_lm(tmp, arch=arch)
-        try:
-            os.rename(tmp, target)
-        except OSError:  # another process finished first: use its copy
-            if not (target / "config.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
+    return builtin_model_folder(name, TINY_ARCHS, "config.json", lambda folder, arch: build_tiny_causal_lm(folder, arch=arch))
 
 
 # ---- loading --------------------------------------------------------------------------------------------

@@ -101,12 +101,14 @@ class Adapter(nn.Module):
         Reading a tensor with ``float()`` in every forward would force a device sync per layer on a GPU, so
         the float is cached and refreshed whenever a state dict is loaded.
         """
-        self.register_buffer("alpha", torch.tensor(float(value)))
-        self.alpha_value = float(self.alpha)  # the fp32-rounded value, as it reads back from a file
+        # the fp32-rounded value, as it reads back from a file (rounded on the CPU: the model may be on meta)
+        self.alpha_value = float(torch.tensor(float(value), dtype=torch.float32, device="cpu"))
+        self.register_buffer("alpha", torch.tensor(self.alpha_value))
 
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
-        if isinstance(getattr(self, "alpha", None), torch.Tensor):
+        alpha = getattr(self, "alpha", None)
+        if isinstance(alpha, torch.Tensor) and not alpha.is_meta:
             self.alpha_value = float(self.alpha)
 
     # ---- shared behaviour -----------------------------------------------------------------------
@@ -139,7 +141,11 @@ class Adapter(nn.Module):
             return
         self.merged = False
         weight = self.base.weight
-        weight.copy_((weight.float() - self.delta_weight(self.multiplier)).to(weight.dtype))
+        weight.copy_(self.unmerged_weight(weight).to(weight.dtype))
+
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
+        """The base weight before ``merge``. Methods whose delta depends on W (OFT, HRA) invert instead."""
+        return merged.float() - self.delta_weight(self.multiplier)
 
     def extra_repr(self) -> str:
         params = ", ".join(f"{k}={v}" for k, v in self.hyperparameters().items())

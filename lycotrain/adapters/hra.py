@@ -209,14 +209,9 @@ class HRAAdapter(Adapter):
                 "singular, so the merge could not be undone; export with delta_weight() instead")
         super().merge()
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         # the delta depends on W, so subtracting delta_weight() of the merged weight would be wrong
-        if not self.merged:
-            return
-        self.merged = False
-        weight = self.base.weight
-        weight.copy_(hra_unapply(weight, self.hra_u, self.apply_gs, self.multiplier).to(weight.dtype))
+        return hra_unapply(merged, self.hra_u, self.apply_gs, self.multiplier)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"rank": self.rank, "apply_gs": self.apply_gs, "reg_lambda": self.reg_lambda}

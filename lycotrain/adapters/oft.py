@@ -171,15 +171,9 @@ class OFTAdapter(Adapter):
         out_t = oft_rotate_channels(torch.mm(weight, tokens.t()).unsqueeze(0), mixing, bias)[0]
         return out_t.t().contiguous().reshape(*x.shape[:-1], self.out_features)
 
-    @torch.no_grad()
-    def unmerge(self) -> None:
+    def unmerged_weight(self, merged: torch.Tensor) -> torch.Tensor:
         # the delta depends on W, so subtracting delta_weight() of the merged weight would be wrong
-        if not self.merged:
-            return
-        self.merged = False
-        weight = self.base.weight
-        restored = oft_unapply(weight, self.oft_blocks, self.rescale, self.constraint, self.multiplier)
-        weight.copy_(restored.to(weight.dtype))
+        return oft_unapply(merged, self.oft_blocks, self.rescale, self.constraint, self.multiplier)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"block_size": self.block_size, "constraint": self.alpha_value, "rescaled": self.rescale is not None}

@@ -47,11 +47,22 @@ def render_previews(pipeline: Any, prompts: list[SamplePrompt], *, sampler: str,
     paths = []
     for index, prompt in enumerate(prompts):
         generator = torch.Generator(device=device).manual_seed(prompt.seed)
-        image = pipeline(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
-                         num_inference_steps=prompt.steps, guidance_scale=prompt.cfg,
-                         width=prompt.width or default_size, height=prompt.height or default_size,
-                         generator=generator).images[0]
+        latents = pipeline(prompt=prompt.prompt, negative_prompt=prompt.negative_prompt or None,
+                           num_inference_steps=prompt.steps, guidance_scale=prompt.cfg,
+                           width=prompt.width or default_size, height=prompt.height or default_size,
+                           generator=generator, output_type="latent").images
+        image = decode_latents(pipeline, latents)
         path = out_dir / f"{stem}-{index}.png"
         atomic_write(path, lambda tmp, im=image: im.save(tmp, format="PNG"))
         paths.append(path)
     return paths
+
+
+@torch.no_grad()
+def decode_latents(pipeline: Any, latents: torch.Tensor) -> Any:
+    """The PIL image of ``latents``, decoded by the VAE in its own dtype (fp32) even under an fp16/bf16
+    autocast: fp16 VAEs overflow (NaN/black images)."""
+    vae = pipeline.vae
+    with torch.autocast(latents.device.type, enabled=False):
+        pixels = vae.decode(latents.to(vae.dtype) / vae.config.scaling_factor).sample
+    return pipeline.image_processor.postprocess(pixels, output_type="pil")[0]

@@ -70,8 +70,12 @@ class DiffusionTask:
         pipe, config = self.pipeline, self.config
         self.text_encoders, self.tokenizers = list(self.model.text_encoders), list(self.model.tokenizers)
         self.family = self.model.family.removesuffix("-v")  # sd1 | sd2 | sdxl: what the file formats name
-        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(config.training.mixed_precision,
-                                                                          torch.float32)
+        precision = config.training.mixed_precision
+        if precision != "no" and not self.accelerator.native_amp:  # accelerate has no fp16 autocast on the CPU
+            self.events.emit("warning", message=f'training.mixed_precision = "{precision}" is not available on '
+                                                f'{self.device.type}: training in fp32 (set "bf16" or "no")')
+            precision = "no"
+        weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(precision, torch.float32)
         for model in [pipe.unet, *self.text_encoders]:
             model.requires_grad_(False).to(self.device, weight_dtype)
         pipe.vae.requires_grad_(False).to(self.device, torch.float32)  # fp16 VAEs overflow (NaN/black images)
@@ -257,10 +261,11 @@ class DiffusionTask:
         from lycotrain.diffusion.sampling import PREVIEW_DIR, render_previews
 
         sample = self.config.sample
-        return render_previews(self.pipeline, sample.prompts, sampler=sample.sampler,
-                               scheduler_config=self.noise_scheduler.config,
-                               default_size=self.config.dataset.resolution, out_dir=self.run_dir / PREVIEW_DIR,
-                               stem=stem)
+        with self.accelerator.autocast():  # fp32 adapters on fp16/bf16 weights, as in training
+            return render_previews(self.pipeline, sample.prompts, sampler=sample.sampler,
+                                   scheduler_config=self.noise_scheduler.config,
+                                   default_size=self.config.dataset.resolution,
+                                   out_dir=self.run_dir / PREVIEW_DIR, stem=stem)
 
     def _render_from_file(self, path: Path) -> list[Path]:
         from lycotrain.formats.kohya import apply_file

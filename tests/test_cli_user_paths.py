@@ -1,0 +1,63 @@
+"""What a new user meets when following the README: the documented commands work as written, and the
+obvious mistakes end in a message naming the file or field and the fix (exit status 2), never a traceback."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from _image_runs import build_assets, events, image_config
+from lycotrain.engine.loop import train
+
+PREVIEW = {"prompts": [{"prompt": "lyco, red circle", "seed": 1, "steps": 2, "cfg": 2.0}], "at_start": True}
+
+
+@pytest.fixture
+def fresh_accelerate():
+    """accelerate keeps one mixed-precision setting per process; these tests change it, then restore it."""
+    from accelerate.state import AcceleratorState
+
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture(scope="module")
+def assets(tmp_path_factory) -> tuple[Path, Path]:
+    return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+def test_bf16_run_renders_previews(tmp_path, monkeypatch, assets, fresh_accelerate):
+    """The SDXL presets train in bf16 with previews: the fp32 adapters on bf16 weights must render too."""
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    config = image_config(tmp_path / "run", *assets, training={"max_steps": 1, "mixed_precision": "bf16"},
+                          sample=PREVIEW)
+    result = train(config)
+    assert result["status"] == "finished", result["message"]
+    assert len(events(tmp_path / "run", "preview")) == 1
+
+
+def test_fp16_on_the_cpu_trains_in_fp32_with_a_warning(tmp_path, monkeypatch, assets, fresh_accelerate):
+    """The SD1.5 presets say fp16, which the CPU cannot autocast: the run says so and trains in fp32."""
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    config = image_config(tmp_path / "run", *assets, training={"max_steps": 1, "mixed_precision": "fp16"},
+                          sample=PREVIEW)
+    result = train(config)
+    assert result["status"] == "finished", result["message"]
+    assert any("training.mixed_precision" in w["message"] for w in events(tmp_path / "run", "warning"))
+
+
+def test_previews_decode_with_the_fp32_vae_under_autocast(assets):
+    """Under a bf16/fp16 run the VAE still decodes in fp32 (low-precision VAEs overflow to black images)."""
+    import numpy as np
+    import torch
+
+    from lycotrain.diffusion.models import load_pipeline
+    from lycotrain.diffusion.sampling import decode_latents
+
+    pipeline = load_pipeline(assets[0]).pipeline
+    latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).bfloat16().float()
+    reference = np.asarray(decode_latents(pipeline, latents))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert np.array_equal(np.asarray(decode_latents(pipeline, latents.bfloat16())), reference)

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from _image_runs import build_assets, events, image_config
+from lycotrain.engine.config import Config
 from lycotrain.engine.loop import train
 
 PREVIEW = {"prompts": [{"prompt": "lyco, red circle", "seed": 1, "steps": 2, "cfg": 2.0}], "at_start": True}
@@ -61,3 +62,48 @@ def test_previews_decode_with_the_fp32_vae_under_autocast(assets):
     reference = np.asarray(decode_latents(pipeline, latents))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert np.array_equal(np.asarray(decode_latents(pipeline, latents.bfloat16())), reference)
+
+
+@pytest.fixture(scope="module")
+def sd2_files(tmp_path_factory, assets) -> tuple[Path, Path]:
+    """(an SD2-layout single file with lycotrain's metadata, the same weights without any metadata)."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+
+    from lycotrain.diffusion.models import load_pipeline
+    from lycotrain.diffusion.single_file import save_single_file
+
+    root = tmp_path_factory.mktemp("sd2")
+    tagged = save_single_file(load_pipeline(assets[0]).pipeline, root / "sd2.safetensors", "sd2")
+    with safe_open(str(tagged), "pt") as f:
+        save_file({key: f.get_tensor(key) for key in f.keys()}, str(root / "bare-sd2.safetensors"))
+    return tagged, root / "bare-sd2.safetensors"
+
+
+def test_model_family_sets_sd2_v_prediction(tmp_path, monkeypatch, assets, sd2_files):
+    """The README's `model.family = "sd2-v"` exists and reaches the model loader."""
+    from lycotrain.formats.kohya import read_adapter_file
+
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    config = image_config(tmp_path / "run", sd2_files[0], assets[1], training={"max_steps": 1})
+    config = Config.from_dict({**config.to_dict(), "model": {"path": str(sd2_files[0]), "family": "sd2-v"}})
+    result = train(config)
+    assert result["status"] == "finished", result["message"]
+    assert read_adapter_file(result["outputs"]["adapter"]).metadata["ss_base_model_version"] == "sd_v2_v"
+
+
+def test_bare_sd2_file_names_the_setting_that_fixes_it(tmp_path, sd2_files, capsys):
+    from lycotrain.cli import main
+
+    bare = str(sd2_files[1])
+    assert main(["extract", "--base", bare, "--tuned", bare, "--rank", "1", "--out", str(tmp_path / "x")]) == 2
+    assert "model.family" in capsys.readouterr().err
+
+
+def test_family_option_reaches_the_loader(tmp_path, assets, capsys):
+    from lycotrain.cli import main
+
+    model = str(assets[0])
+    assert main(["extract", "--base", model, "--tuned", model, "--family", "sdxl", "--rank", "1",
+                 "--out", str(tmp_path / "x")]) == 2
+    assert "not 'sdxl'" in capsys.readouterr().err

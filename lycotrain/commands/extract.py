@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from lycotrain.commands.check import add_family_argument
+
 
 def add_rank_arguments(parser: argparse.ArgumentParser) -> None:
     size = parser.add_mutually_exclusive_group(required=True)
@@ -21,6 +23,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="base model of FILE: diffusers folder, single file, builtin:...")
     parser.add_argument("--base", help="base checkpoint (with --tuned)")
     parser.add_argument("--tuned", help="fine-tuned checkpoint (with --base)")
+    add_family_argument(parser)
     add_rank_arguments(parser)
 
 
@@ -41,12 +44,13 @@ def run(args: argparse.Namespace) -> int:
     if args.file is not None:
         if args.model is None or args.base or args.tuned:
             raise FormatError("extract FILE needs --model (the base model of FILE) and no --base/--tuned")
-        extraction = extract_from_file(args.file, load_pipeline(args.model).components(), rank=args.rank,
-                                       energy=args.energy)
+        extraction = extract_from_file(args.file, load_pipeline(args.model, family=args.family).components(),
+                                       rank=args.rank, energy=args.energy)
     elif args.base and args.tuned:
-        extraction = extract_from_checkpoints(load_pipeline(args.base).components(),
-                                              load_pipeline(args.tuned).components(), rank=args.rank,
-                                              energy=args.energy, output_name=out.name.removesuffix(".safetensors"))
+        extraction = extract_from_checkpoints(load_pipeline(args.base, family=args.family).components(),
+                                              load_pipeline(args.tuned, family=args.family).components(),
+                                              rank=args.rank, energy=args.energy,
+                                              output_name=out.name.removesuffix(".safetensors"))
     else:
         raise FormatError("give an adapter FILE with --model, or --base and --tuned checkpoints")
     extraction.save(out, args.dtype)

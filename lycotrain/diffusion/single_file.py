@@ -281,8 +281,9 @@ def load_single_file(path: Path, family: str = "auto", dtype: torch.dtype | None
     detected = detect_family(keys)
     recorded = json.loads(metadata[METADATA_KEY]) if METADATA_KEY in metadata else None
     if family == "auto" and recorded is None and detected == "sd2":
-        raise ModelError(f"{path}: SD 2.x files do not say whether they predict noise or v; set the model "
-                         "family to 'sd2' (512-px base models) or 'sd2-v' (768-px v-prediction models)")
+        raise ModelError(f"{path}: SD 2.x files do not say whether they predict noise or v; set model.family "
+                         "(--family for check, merge and extract) to 'sd2' (512-px base models) or 'sd2-v' "
+                         "(768-px v-prediction models)")
     if family == "auto":
         family = recorded["family"] if recorded else detected
     if family not in FAMILIES or family.split("-")[0] != detected:

@@ -53,7 +53,7 @@ class DiffusionTask:
         self.config, self.accelerator, self.events = config, accelerator, events
         self.run_dir = Path(config.run_dir)
         self.device = accelerator.device
-        self.model = load_pipeline(config.model.path)
+        self.model = load_pipeline(config.model.path, family=config.model.family)
         self.pipeline = self.model.pipeline
         self._prepare_models()
         self._inject()

@@ -53,6 +53,9 @@ class ModelConfig:
                             "builtin:tiny-sdxl | builtin:tiny-llama")
     prediction_type: str = _f("auto", choices=("auto", "epsilon", "v_prediction"), task="image",
                               help="auto reads it from the model's scheduler config")
+    family: str = _f("auto", choices=("auto", "sd1", "sd2", "sd2-v", "sdxl"), task="image",
+                     help="auto detects it from the weights; an SD 2.x single file needs sd2 (512 px, epsilon) "
+                          "or sd2-v (768 px, v-prediction)")
 
 
 @dataclass

@@ -107,3 +107,23 @@ def test_family_option_reaches_the_loader(tmp_path, assets, capsys):
     assert main(["extract", "--base", model, "--tuned", model, "--family", "sdxl", "--rank", "1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "not 'sdxl'" in capsys.readouterr().err
+
+
+def test_text_demo_keeps_out_of_the_image_demo_folder(tmp_path, monkeypatch, capsys):
+    """`make demo`, then `lycotrain demo --task text` (the README's order): the text demo has its own folder
+    and leaves the image demo's model and run alone; an explicit shared --out is refused, both ways."""
+    from lycotrain.cli import main
+
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    monkeypatch.chdir(tmp_path)
+    image_base = tmp_path / "demo-out" / "base"
+    image_base.mkdir(parents=True)
+    (image_base / "model_index.json").write_text("{}")
+    assert main(["demo", "--task", "text", "--steps", "2"]) == 0
+    assert (tmp_path / "demo-out" / "text" / "run" / "adapter" / "adapter_config.json").is_file()
+    assert sorted(p.name for p in image_base.iterdir()) == ["model_index.json"]
+
+    assert main(["demo", "--task", "text", "--out", "demo-out", "--steps", "2"]) == 2
+    assert "holds the image demo's model" in capsys.readouterr().err
+    assert main(["demo", "--out", "demo-out/text", "--steps", "2"]) == 2
+    assert "holds the text demo's model" in capsys.readouterr().err

@@ -22,7 +22,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--task", choices=("image", "text"), default="image")
     parser.add_argument("--method", choices=sorted(set(IMAGE_METHODS + TEXT_METHODS)),
                         help="adapter method (image default: loha)")
-    parser.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    parser.add_argument("--out", help="output folder (default: demo-out; the text demo: demo-out/text)")
     parser.add_argument("--steps", type=int, default=None, help=f"training steps (image default: {DEMO_STEPS})")
 
 
@@ -58,7 +58,9 @@ def run(args: argparse.Namespace) -> int:
     if method not in IMAGE_METHODS:
         raise ConfigError(f"--method {method} is a text method; the image demo takes {', '.join(IMAGE_METHODS)} "
                           "(or add --task text)")
-    out = Path(args.out)
+    out = Path(args.out or "demo-out")
+    if (out / "base" / "config.json").is_file() and not (out / "base" / "model_index.json").is_file():
+        raise ConfigError(f"{out / 'base'} holds the text demo's model; give the image demo another --out folder")
     config = demo_config(out, method, args.steps or DEMO_STEPS)
     if not (out / "base" / "model_index.json").is_file():
         build_tiny_pipeline(out / "base", arch="sd1")

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from lycotrain.engine.config import Config
+from lycotrain.errors import ConfigError
 from lycotrain.text.models import build_tiny_llama
 
 # Short question/answer pairs the tiny model can memorise in a couple of hundred steps.
@@ -86,7 +87,10 @@ def _train(config: Config) -> dict[str, Any]:
 
 def run_demo(args: argparse.Namespace) -> int:
     method = getattr(args, "method", None) or "lora"
-    out = Path(getattr(args, "out", None) or "demo-out")
+    out = Path(getattr(args, "out", None) or "demo-out/text")  # beside the image demo's demo-out/{base,run}
+    if (out / "base" / "model_index.json").is_file():
+        raise ConfigError(f"{out / 'base'} holds the image demo's model; give the text demo its own folder, "
+                          f"e.g. --out {out / 'text'}")
     steps = int(getattr(args, "steps", 0) or 150)
     base = build_tiny_llama(out / "base") if not (out / "base" / "config.json").is_file() else out / "base"
     dataset = write_demo_dataset(out / "dataset")

@@ -127,3 +127,16 @@ def test_text_demo_keeps_out_of_the_image_demo_folder(tmp_path, monkeypatch, cap
     assert "holds the image demo's model" in capsys.readouterr().err
     assert main(["demo", "--out", "demo-out/text", "--steps", "2"]) == 2
     assert "holds the text demo's model" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command", ["inspect", "check"])
+def test_a_model_or_a_folder_given_as_the_adapter_file(tmp_path, sd2_files, command, capsys):
+    """Swapping FILE and --model, or naming the run folder: a short message that says what to give instead."""
+    from lycotrain.cli import main
+
+    extra = ["--model", "builtin:tiny-sd1"] if command == "check" else []
+    assert main([command, str(sd2_files[0]), *extra]) == 2
+    message = capsys.readouterr().err
+    assert "model checkpoint" in message and "--model" in message and len(message) < 400
+    assert main([command, str(tmp_path), *extra]) == 2
+    assert "is a folder" in capsys.readouterr().err

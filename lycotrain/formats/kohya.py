@@ -147,17 +147,29 @@ def _check_header(path: Path) -> None:
                           ".ckpt/.pt pickle? Convert it to .safetensors first")
 
 
+def _refuse_model_checkpoint(path: Path, keys: list[str]) -> None:
+    """A file without a single adapter key is a model given where the adapter belongs (FILE and --model swapped)."""
+    adapter_suffixes = tuple(frozenset().union(*METHOD_KEYS.values(), ALIASES) - {"alpha"})
+    if keys and not any(key.startswith("lora_") or key.endswith(adapter_suffixes) for key in keys):
+        raise FormatError(f"{path}: no LoRA/LyCORIS adapter weights (keys like {keys[0]!r}); this looks like a "
+                          "model checkpoint: give it as --model, and the adapter file as FILE")
+
+
 def read_adapter_file(path: str | Path) -> AdapterFile:
     """Read a kohya/LyCORIS file. Raises FormatError naming the file for unreadable or foreign content."""
     from safetensors import SafetensorError, safe_open
 
     path = Path(path)
+    if path.is_dir():
+        raise FormatError(f"{path} is a folder; give the adapter .safetensors file (a run folder holds "
+                          "NAME.safetensors)")
     if not path.is_file():
         raise FormatError(f"{path}: no such file")
     _check_header(path)
     try:
         with safe_open(str(path), framework="pt") as f:
             metadata = dict(f.metadata() or {})
+            _refuse_model_checkpoint(path, list(f.keys()))  # before reading gigabytes of weights
             flat = {key: f.get_tensor(key) for key in f.keys()}
     except (SafetensorError, OSError, RuntimeError, ValueError) as exc:
         raise FormatError(f"{path}: cannot read the safetensors data ({exc}); the file is damaged or "

@@ -140,3 +140,15 @@ def test_a_model_or_a_folder_given_as_the_adapter_file(tmp_path, sd2_files, comm
     assert "model checkpoint" in message and "--model" in message and len(message) < 400
     assert main([command, str(tmp_path), *extra]) == 2
     assert "is a folder" in capsys.readouterr().err
+
+
+def test_app_on_a_busy_port_says_so(capsys):
+    """A second `lycotrain app` on the default port: a message naming the port and --port, no traceback."""
+    import socket
+
+    from lycotrain.cli import main
+
+    with socket.create_server(("127.0.0.1", 0)) as busy:
+        port = busy.getsockname()[1]
+        assert main(["app", "--port", str(port), "--runs", "unused-runs"]) == 2
+    assert f"127.0.0.1:{port}" in capsys.readouterr().err

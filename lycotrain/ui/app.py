@@ -62,10 +62,22 @@ def exposure_warning(host: str, credentials: tuple[str, str] | None) -> str | No
             "jobs and read files the server can read. Add --auth USER:PASSWORD.")
 
 
+def check_port_free(host: str, port: int) -> None:
+    """Fail with a message (not Gradio's traceback) when ``host:port`` cannot be listened on, e.g. a second app."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.create_server((host, port), family=family):  # SO_REUSEADDR, as the web server sets it
+            pass
+    except OSError as exc:
+        raise ConfigError(f"cannot listen on {host}:{port} ({exc.strerror or exc}); another program (another "
+                          "lycotrain app?) may be using it: choose another --port, or fix --host") from None
+
+
 def serve(host: str = DEFAULT_HOST, port: int = DEFAULT_PORT, auth: str | None = None, share: bool = False,
           runs_root: str | Path = "runs", block: bool = True) -> gr.Blocks:
     """Start the job scheduler and the web server; warn when the app is reachable from the network unguarded."""
     credentials = parse_auth(auth)
+    check_port_free(host, port)
     warning = exposure_warning(host, credentials)
     if warning:
         print(warning, flush=True)

@@ -12,6 +12,21 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 
+def _process_umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _process_umask()  # read once, at import: os.umask can only be read by setting it
+
+
+def publish_mode(path: Path) -> None:
+    """Give a temporary file or folder the mode a plain ``open``/``mkdir`` would have (``mkstemp``/``mkdtemp``
+    make them private, 0600/0700), so another user's WebUI can read what lycotrain writes."""
+    os.chmod(path, (0o777 if path.is_dir() else 0o666) & ~_UMASK)
+
+
 @contextmanager
 def atomic_path(target: str | Path) -> Iterator[Path]:
     """Yield a temporary path next to ``target``; on success it replaces ``target`` atomically."""
@@ -24,6 +39,7 @@ def atomic_path(target: str | Path) -> Iterator[Path]:
         yield tmp
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
+        publish_mode(tmp)
         os.replace(tmp, target)
         _fsync_dir(target.parent)
     finally:

@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable
 
+from lycotrain.atomic import publish_mode
 from lycotrain.errors import ModelError
 
 BUILTIN_PREFIX = "builtin:"
@@ -30,6 +31,7 @@ def build_folder_once(target: Path, marker: str, build: Callable[[Path], object]
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
         build(tmp)
+        publish_mode(tmp)
         try:
             os.rename(tmp, target)
         except OSError:  # another process finished first (target exists and is not empty): use its copy

@@ -152,3 +152,27 @@ def test_app_on_a_busy_port_says_so(capsys):
         port = busy.getsockname()[1]
         assert main(["app", "--port", str(port), "--runs", "unused-runs"]) == 2
     assert f"127.0.0.1:{port}" in capsys.readouterr().err
+
+
+def test_written_files_and_folders_are_readable_by_others(tmp_path):
+    """Adapter files, sidecars, checkpoints and built models get the umask's mode (e.g. 0644/0755), not the
+    private 0600/0700 of temporary files: a WebUI running as another user must be able to load them."""
+    import os
+    import stat
+
+    from lycotrain.atomic import atomic_write_text
+    from lycotrain.engine.checkpoint import write_checkpoint
+    from lycotrain.paths import build_folder_once
+
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    def mode(path: Path) -> int:
+        return stat.S_IMODE(path.stat().st_mode)
+
+    atomic_write_text(tmp_path / "a.json", "{}")
+    assert mode(tmp_path / "a.json") == 0o666 & ~umask
+    built = build_folder_once(tmp_path / "model", "done", lambda tmp: (tmp / "done").write_text("x"))
+    assert mode(built) == 0o777 & ~umask
+    folder = write_checkpoint(tmp_path / "run", 1, lambda tmp: (tmp / "state").write_text("x"), keep_last=0)
+    assert mode(folder) == 0o777 & ~umask

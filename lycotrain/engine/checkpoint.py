@@ -20,6 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from lycotrain.atomic import publish_mode
 from lycotrain.errors import LycotrainError
 
 CHECKPOINTS = "checkpoints"
@@ -81,6 +82,7 @@ def write_checkpoint(run_dir: str | Path, step: int, fill: Callable[[Path], None
     try:
         fill(tmp)
         _fsync_tree(tmp)
+        publish_mode(tmp)
         os.replace(tmp, target)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 from lycotrain.errors import LycotrainError
@@ -30,7 +31,9 @@ def _command_module(name: str):
 
 
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="lycotrain", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="lycotrain", description="Train adapters: LoRA, LoHa, LoKr, OFT and HRA "
+                                     "for Stable Diffusion (WebUI .safetensors); LoRA, AdaLoRA, Llama-Adapter and "
+                                     "X-LoRA for language models (PEFT folders).")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     chosen = next((a for a in argv if not a.startswith("-")), None)
     for name, help_text in COMMANDS.items():
@@ -44,7 +47,12 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     try:
-        return int(_command_module(args.command).run(args) or 0)
+        status = int(_command_module(args.command).run(args) or 0)
+        sys.stdout.flush()  # a reader that left early (`lycotrain inspect FILE | head`) fails here, not at exit
+        return status
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to say to a closed pipe
+        return 1
     except LycotrainError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -176,3 +176,30 @@ def test_written_files_and_folders_are_readable_by_others(tmp_path):
     assert mode(built) == 0o777 & ~umask
     folder = write_checkpoint(tmp_path / "run", 1, lambda tmp: (tmp / "state").write_text("x"), keep_last=0)
     assert mode(folder) == 0o777 & ~umask
+
+
+def test_top_level_help_says_what_lycotrain_does(capsys):
+    from lycotrain.cli import main
+
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    out = capsys.readouterr().out
+    assert "Train adapters" in out and "lycotrain/commands" not in out
+
+
+def test_output_into_a_closed_pipe_is_not_a_traceback(tmp_path):
+    """`lycotrain lint DATA --json | head -1`: the reader leaves early; no traceback, no 'Exception ignored'."""
+    import os
+    import subprocess
+    import sys
+
+    from lycotrain.diffusion.demo_data import make_demo_dataset
+
+    data = make_demo_dataset(tmp_path / "data", count=2)
+    env = {**os.environ, "LYCOTRAIN_HOME": str(tmp_path / "home"), "OMP_NUM_THREADS": "1"}
+    child = subprocess.Popen([sys.executable, "-m", "lycotrain.cli", "lint", str(data), "--json"], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    child.stdout.close()  # before the child writes anything
+    stderr = child.stderr.read().decode()
+    child.wait(timeout=120)
+    assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr

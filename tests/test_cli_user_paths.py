@@ -203,3 +203,15 @@ def test_output_into_a_closed_pipe_is_not_a_traceback(tmp_path):
     stderr = child.stderr.read().decode()
     child.wait(timeout=120)
     assert "Traceback" not in stderr and "Exception ignored" not in stderr, stderr
+
+
+def test_build_tiny_refuses_an_occupied_out(tmp_path, capsys):
+    """A second model into the same folder would mix two models' files; a file as --out was a traceback."""
+    from lycotrain.cli import main
+
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "model_index.json").write_text("{}")
+    (tmp_path / "notes.txt").write_text("x")
+    for out in ("model", "notes.txt"):
+        assert main(["build-tiny", "--arch", "llama", "--out", str(tmp_path / out)]) == 2
+        assert "not an empty folder" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 
 ARCHS = ("sd1", "sdxl", "llama")
 
@@ -14,6 +15,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from lycotrain.errors import ConfigError
+
+    out = Path(args.out)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):  # never mix two models in one folder
+        raise ConfigError(f"--out {out} exists and is not an empty folder; choose a new folder")
     if args.arch == "llama":
         from lycotrain.text.models import build_tiny_llama
 

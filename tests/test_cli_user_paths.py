@@ -215,3 +215,15 @@ def test_build_tiny_refuses_an_occupied_out(tmp_path, capsys):
     for out in ("model", "notes.txt"):
         assert main(["build-tiny", "--arch", "llama", "--out", str(tmp_path / out)]) == 2
         assert "not an empty folder" in capsys.readouterr().err
+
+
+def test_adalora_text_demo_takes_any_steps(tmp_path, monkeypatch):
+    """`lycotrain demo --task text --method adalora --steps 10` failed: tinit/tfinal were fixed for 150 steps."""
+    from lycotrain.cli import main
+    from lycotrain.text.demo import demo_config
+
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    assert main(["demo", "--task", "text", "--method", "adalora", "--steps", "10", "--out", str(tmp_path)]) == 0
+    assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
+    network = demo_config("adalora", tmp_path, tmp_path, tmp_path, steps=150).network
+    assert (network.tinit, network.tfinal) == (20, 40)  # the default demo is unchanged

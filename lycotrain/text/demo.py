@@ -37,7 +37,7 @@ DEMO_PROMPTS = ("What color is the sky?", "Say hello.", "What do bees make?")
 METHOD_SETTINGS: dict[str, dict[str, Any]] = {
     "lora": {"network": {"rank": 8, "alpha": 16.0, "target_modules": ["attention"]}, "training": {"lr": 5e-3}},
     "adalora": {"network": {"init_r": 12, "target_r": 4, "alpha": 16.0, "target_modules": ["attention"],
-                            "tinit": 20, "tfinal": 40, "delta_t": 5}, "training": {"lr": 5e-3}},
+                            "delta_t": 5}, "training": {"lr": 5e-3}},  # + tinit/tfinal from the steps
     "llama_adapter": {"network": {"adapter_len": 8, "adapter_layers": 2}, "training": {"lr": 2e-2}},
     "xlora": {"network": {"xlora_temperature": 1.0}, "training": {"lr": 1e-2}},
 }
@@ -55,6 +55,9 @@ def write_demo_dataset(folder: str | Path, records: list[dict[str, str]] | None 
 def demo_config(method: str, base: Path, dataset: Path, run_dir: Path, *, steps: int,
                 experts: list[str] | None = None) -> Config:
     settings = METHOD_SETTINGS[method]
+    if method == "adalora":  # the allocator's schedule in the same proportions at any --steps (150: 20 and 40)
+        settings = {**settings, "network": {**settings["network"], "tinit": steps * 2 // 15,
+                                            "tfinal": steps * 4 // 15}}
     data: dict[str, Any] = {
         "task": "text", "run_dir": str(run_dir), "seed": 0,
         "model": {"path": str(base)},

@@ -227,3 +227,14 @@ def test_adalora_text_demo_takes_any_steps(tmp_path, monkeypatch):
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     network = demo_config("adalora", tmp_path, tmp_path, tmp_path, steps=150).network
     assert (network.tinit, network.tfinal) == (20, 40)  # the default demo is unchanged
+
+
+def test_a_failed_run_reports_its_error_once_on_stderr(tmp_path, monkeypatch, capsys, assets):
+    from lycotrain.cli import main
+
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+    assert main(["train", "--set", f"model.path={str(tmp_path / 'missing.safetensors')!r}",
+                 "--set", f"dataset.path={str(assets[1])!r}", "--set", f"run_dir={str(tmp_path / 'run')!r}"]) == 1
+    captured = capsys.readouterr()
+    assert captured.err.count("missing.safetensors does not exist") == 1, captured.err
+    assert "does not exist" not in captured.out

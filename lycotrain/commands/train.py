@@ -6,6 +6,7 @@ The progress bar is fed by the same events the GUI reads from ``RUN_DIR/events.j
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,7 +50,7 @@ def run(args: argparse.Namespace) -> int:
     if bar is not None:
         bar.close()
     if result["status"] == "failed":
-        print(f"error: {result['message']}")
+        print(f"error: {result['message']}", file=sys.stderr)
         return 1
     print(f"{result['status']} at step {result['step']}; run folder: {config.run_dir}")
     for name, path in result["outputs"].items():
@@ -76,7 +77,7 @@ class ProgressBar:
         elif kind == "step" and self.bar is not None:
             self.bar.update(event["step"] - self.bar.n)
             self.bar.set_postfix(loss=f"{event['loss']:.4f}", lr=f"{event['lr']:.2e}", refresh=False)
-        elif kind in ("preview", "checkpoint", "warning", "error"):
+        elif kind in ("preview", "checkpoint", "warning"):  # an error is printed once, by the command, at the end
             detail = event.get("message") or event.get("path") or ", ".join(event.get("images", [])) or \
                 "; ".join(t.get("output", "") for t in event.get("texts", []))
             (self.bar.write if self.bar is not None else print)(f"[{kind}] {detail}")

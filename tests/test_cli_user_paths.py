@@ -238,3 +238,10 @@ def test_a_failed_run_reports_its_error_once_on_stderr(tmp_path, monkeypatch, ca
     captured = capsys.readouterr()
     assert captured.err.count("missing.safetensors does not exist") == 1, captured.err
     assert "does not exist" not in captured.out
+
+
+def test_resume_of_a_folder_without_a_run(tmp_path, capsys):
+    from lycotrain.cli import main
+
+    assert main(["train", "--resume", str(tmp_path / "runs" / "typo")]) == 2
+    assert "no run there" in capsys.readouterr().err

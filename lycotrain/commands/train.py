@@ -33,6 +33,9 @@ def load_run_config(args: argparse.Namespace):
         raise ConfigError(f"--add-steps must be positive, got {args.add_steps}")
     if args.resume:
         run_dir = Path(args.resume)
+        if args.config is None and not (run_dir / "config.toml").is_file():
+            raise ConfigError(f"--resume {run_dir}: no run there (no config.toml); give the run_dir of an earlier "
+                              "`lycotrain train`")
         config = load_config(args.config or run_dir / "config.toml", args.overrides)
         config.run_dir = str(run_dir)  # the folder may have been moved since
         return config

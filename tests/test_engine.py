@@ -158,3 +158,10 @@ def test_events_are_json_lines(tmp_path):
     train(toy_config(tmp_path / "run", max_steps=3), task=ToyTask())
     for line in (tmp_path / "run" / "events.jsonl").read_text().splitlines():
         assert "type" in json.loads(line)
+
+
+def test_a_warmup_longer_than_the_epochs_gives_a_warning(tmp_path):
+    config = toy_config(tmp_path / "run", max_steps=0, epochs=1, scheduler="cosine", warmup_steps=50)  # 6 steps
+    assert train(config, task=ToyTask())["status"] == "finished"
+    warnings = [e["message"] for e in events_of(tmp_path / "run", "warning")]
+    assert any("training.warmup_steps (50) covers the whole run of 6 steps" in w for w in warnings)

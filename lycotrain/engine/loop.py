@@ -116,6 +116,7 @@ class Trainer:
         else:
             self._same_start_on_every_process()
         self.position.total_steps = self.plan.total_steps
+        self._warn_if_warmup_covers_the_run()
 
         if self.accelerator.is_main_process:
             config.write_toml(self.run_dir / "config.toml")
@@ -233,6 +234,14 @@ class Trainer:
         steps_per_epoch = math.ceil(micro / training.grad_accum)
         total = training.max_steps or training.epochs * steps_per_epoch
         return Plan(micro, steps_per_epoch, total, math.ceil(total / steps_per_epoch))
+
+    def _warn_if_warmup_covers_the_run(self) -> None:
+        """Config validation can only compare warmup with an explicit max_steps; epochs give the total here."""
+        training = self.config.training
+        if training.scheduler != "constant" and training.warmup_steps >= self.plan.total_steps:
+            self.events.emit("warning", message=f"training.warmup_steps ({training.warmup_steps}) covers the whole "
+                             f"run of {self.plan.total_steps} steps, so the learning rate never reaches training.lr; "
+                             "lower training.warmup_steps or train longer")
 
     # ---- processes -----------------------------------------------------------------------------------------
     def _same_start_on_every_process(self) -> None:

@@ -63,6 +63,7 @@ def test_file_for_another_model_is_reported_per_loader(tmp_path, tiny_dirs):
     forge = report.loaders["forge"]
     assert forge.unmatched > 12 and forge.rejected
     assert report.loaders["a1111"].detected_version == "sdxl" and not report.loaders["a1111"].version_matches
+    assert "the file is for another model (its metadata reads as sdxl)" in report.to_text()
 
 
 def test_missing_version_metadata_is_detected_as_sd1(tmp_path, tiny_dirs):

@@ -262,7 +262,12 @@ class CompatReport:
     def to_text(self) -> str:
         methods = ", ".join(f"{k} x{v}" for k, v in sorted(self.methods.items()))
         lines = [f"{self.file}: {self.modules} modules ({methods}) on a {self.family} model"]
-        if self.lycotrain_unmatched:
+        if 2 * len(self.lycotrain_unmatched) > self.modules:
+            declared = self.loaders["a1111"].detected_version if "a1111" in self.loaders else "unknown"
+            lines.append(f"  WARNING: {len(self.lycotrain_unmatched)} of {self.modules} modules match no layer of "
+                         f"this {self.family} model: the file is for another model (its metadata reads as "
+                         f"{declared}); check it against that model (--model)")
+        elif self.lycotrain_unmatched:
             lines.append(f"  lycotrain itself cannot place {len(self.lycotrain_unmatched)} module(s), e.g. "
                          f"{self.lycotrain_unmatched[:3]}")
         for loader, r in self.loaders.items():

@@ -92,3 +92,23 @@ def test_adalora_rank_allocation_is_shown(tmp_path: Path) -> None:
                tmp_path)
     text = live.details_markdown(view)
     assert "fixed at step 7" in text and "total rank 12" in text and "| `layers.0.q_proj` | 5 |" in text
+
+
+def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tmp_path: Path, monkeypatch) -> None:
+    from lycotrain.ui import tools_tab
+    from lycotrain.ui.runner import CliResult
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tools_tab, "run_cli", lambda args, timeout_s=0: calls.append(args) or
+                        CliResult(args, 0, "ok", ""))
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    with gr.Blocks():
+        tab = tools_tab.ToolsTab(JobManager(tmp_path / "runs"))
+    assert isinstance(tab.family, gr.Dropdown) and tab.family.value == "auto"
+    data = {tab.upload: None, tab.path: str(adapter), tab.model: "/models/v2.safetensors", tab.family: "sd2-v",
+            tab.merge_multiplier: 1.0, tab.extract_rank: 4}
+    tab.inspect(data), tab.merge(data), tab.extract(data)
+    assert [args[0] for args in calls] == ["inspect", "check", "merge", "extract"]
+    for args in calls[1:]:
+        assert args[args.index("--family") + 1] == "sd2-v"

@@ -60,3 +60,17 @@ def test_a_saved_preset_loads_back_into_the_same_form(tmp_path: Path, monkeypatc
     assert str(path) not in [p for _, p in presets.list_presets("text")]
     loaded = forms.config_to_values(load_config(path), list(values))
     assert loaded == {k: v for k, v in values.items()}
+
+
+def test_image_tab_shows_the_model_family_and_loads_it_from_a_preset(tmp_path: Path) -> None:
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui.image_tab import ImageTab
+
+    with gr.Blocks():
+        tab = ImageTab(JobManager(tmp_path))
+    family = tab.form["model.family"]
+    assert isinstance(family, gr.Dropdown) and ("sd2-v", "sd2-v") in family.choices
+    data = {component: component.value for component in tab.form.values()}
+    data[tab.form["model.path"]], data[family] = "/models/v2.safetensors", "sd2-v"
+    assert tab.config(data).model.family == "sd2-v"
+    assert forms.config_to_values(tab.config(data), ["model.family"]) == {"model.family": "sd2-v"}

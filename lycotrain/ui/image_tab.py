@@ -93,6 +93,7 @@ class ImageTab:
                                                       "server")
                         self.demo_model = gr.Button("Use the built-in demo model", scale=1,
                                                     elem_id="image-use-demo-model")
+                        f["model.family"] = image_widget("model.family", "model family", scale=1, min_width=120)
                 with gr.Accordion("Dataset", open=True):
                     with gr.Row():
                         f["dataset.path"] = image_widget("dataset.path", "dataset folder", scale=4,

@@ -12,6 +12,7 @@ import gradio as gr
 from lycotrain.errors import FormatError, LycotrainError
 from lycotrain.jobs import JobManager
 from lycotrain.ui.datasets import new_upload_folder, sanitize_name
+from lycotrain.ui.forms import widget
 from lycotrain.ui.messages import guarded
 from lycotrain.ui.runner import CliResult, run_cli
 
@@ -44,9 +45,11 @@ class ToolsTab:
             self.upload = gr.File(label="adapter file (.safetensors) — upload…", file_types=[".safetensors"],
                                   elem_id="tools-upload", scale=1)
             self.path = gr.Textbox(label="…or its path on the server", elem_id="tools-path", scale=2)
-        self.model = gr.Textbox(label="base model the adapter was trained on (needed for the compatibility report, "
-                                      "merge and convert): a diffusers folder, a .safetensors checkpoint or "
-                                      "builtin:tiny-sd1", elem_id="tools-model")
+        with gr.Row():
+            self.model = gr.Textbox(label="base model the adapter was trained on (needed for the compatibility "
+                                          "report, merge and convert): a diffusers folder, a .safetensors "
+                                          "checkpoint or builtin:tiny-sd1", elem_id="tools-model", scale=4)
+            self.family = widget("model.family", "model family", prefix="tools", scale=1)
         with gr.Tab("Inspect and check"):
             self.inspect_button = gr.Button("Inspect", variant="primary", elem_id="tools-inspect")
         with gr.Tab("Merge into a model"):
@@ -66,7 +69,7 @@ class ToolsTab:
 
     def wire(self) -> None:
         msg, outs = self.message, {self.message, self.output, self.files}
-        source = {self.upload, self.path, self.model}
+        source = {self.upload, self.path, self.model, self.family}
         self.inspect_button.click(guarded(msg)(self.inspect), source, outs)
         self.merge_button.click(guarded(msg)(self.merge), source | {self.merge_multiplier}, outs)
         self.extract_button.click(guarded(msg)(self.extract), source | {self.extract_rank}, outs)
@@ -78,6 +81,10 @@ class ToolsTab:
             raise FormatError(f"base model: empty; {why} needs the model the adapter was trained on (a diffusers "
                               "folder, a .safetensors checkpoint or builtin:tiny-sd1)")
         return model
+
+    def _model_args(self, data: dict[Any, Any], model: str) -> list[str]:
+        """``--model`` and ``--family`` (an SD 2.x single-file checkpoint cannot be told from SD 1.x by itself)."""
+        return ["--model", model, "--family", data[self.family] or "auto"]
 
     def _source(self, data: dict[Any, Any]) -> str:
         return chosen_file(data[self.upload], data[self.path], "adapter file")
@@ -98,7 +105,7 @@ class ToolsTab:
         source, model = self._source(data), (data[self.model] or "").strip()
         results = [run_cli(["inspect", source], timeout_s=300)]
         if model:
-            results.append(run_cli(["check", source, "--model", model], timeout_s=600))
+            results.append(run_cli(["check", source, *self._model_args(data, model)], timeout_s=600))
         out = self._finish(results)
         if not model:
             out[self.output] += "\n\n(enter the base model above for the per-WebUI compatibility report)"
@@ -107,13 +114,13 @@ class ToolsTab:
     def merge(self, data: dict[Any, Any]) -> dict:
         source, model = self._source(data), self._model(data, "merging")
         folder, out = self._out(source, "merged")
-        return self._finish([run_cli(["merge", source, "--model", model, "--out", str(out), "--multiplier",
-                                      str(data[self.merge_multiplier] or 1.0)])], folder)
+        return self._finish([run_cli(["merge", source, *self._model_args(data, model), "--out", str(out),
+                                      "--multiplier", str(data[self.merge_multiplier] or 1.0)])], folder)
 
     def extract(self, data: dict[Any, Any]) -> dict:
         source, model = self._source(data), self._model(data, "converting to LoRA")
         folder, out = self._out(source, "lora")
-        return self._finish([run_cli(["extract", source, "--model", model, "--rank",
+        return self._finish([run_cli(["extract", source, *self._model_args(data, model), "--rank",
                                       str(int(data[self.extract_rank] or 16)), "--out", str(out)])], folder)
 
     def resize(self, data: dict[Any, Any]) -> dict:

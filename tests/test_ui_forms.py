@@ -74,3 +74,27 @@ def test_image_tab_shows_the_model_family_and_loads_it_from_a_preset(tmp_path: P
     data[tab.form["model.path"]], data[family] = "/models/v2.safetensors", "sd2-v"
     assert tab.config(data).model.family == "sd2-v"
     assert forms.config_to_values(tab.config(data), ["model.family"]) == {"model.family": "sd2-v"}
+
+
+def test_the_preflight_check_leaves_no_config_behind(tmp_path: Path, monkeypatch) -> None:
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui import image_tab
+    from lycotrain.ui.runner import CliResult
+
+    seen: list[Path] = []
+
+    def fake_lint(args: list[str], timeout_s: float = 0) -> CliResult:
+        config_path = Path(args[args.index("--config") + 1])
+        assert load_config(config_path).dataset.path == str(tmp_path)  # the child gets the form's config
+        seen.append(config_path)
+        return CliResult(args, 0, "10 images", "")
+
+    monkeypatch.setattr(image_tab, "run_cli", fake_lint)
+    with gr.Blocks():
+        tab = image_tab.ImageTab(JobManager(tmp_path / "runs"))
+    data = {component: component.value for component in tab.form.values()}
+    data[tab.form["model.path"]], data[tab.form["dataset.path"]] = "builtin:tiny-sd1", str(tmp_path)
+    for _ in range(2):
+        assert "10 images" in tab.lint(data)[tab.report]
+    assert len(seen) == 2 and not any(p.exists() or p.parent.exists() for p in seen)
+    assert not (tmp_path / "runs" / "_lint").exists()

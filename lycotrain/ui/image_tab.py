@@ -3,6 +3,7 @@ settings, presets, the CLI command, Start, and the live view of the run."""
 
 from __future__ import annotations
 
+import tempfile
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -260,9 +261,10 @@ class ImageTab:
         """The pre-flight report with the step arithmetic, from ``lycotrain lint`` (it needs torch: a child)."""
         config = self.config(data)
         check_paths(config)
-        config_path = datasets.new_upload_folder(self.manager.runs_root / "_lint", "config") / "config.toml"
-        config.save(config_path)
-        result = run_cli(["lint", config.dataset.path, "--config", str(config_path)], timeout_s=600)
+        with tempfile.TemporaryDirectory(prefix="lycotrain-lint-") as folder:  # the child reads it, then it goes
+            config_path = Path(folder) / "config.toml"
+            config.write_toml(config_path)
+            result = run_cli(["lint", config.dataset.path, "--config", str(config_path)], timeout_s=600)
         if result.returncode not in LINT_USABLE:
             raise DatasetError(result.message)
         verdict = "No problems found." if result.returncode == 0 else "Problems found (the dataset is still usable):"

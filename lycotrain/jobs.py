@@ -9,7 +9,9 @@ Runs start one after another (a queue): :meth:`JobManager.tick` reaps finished c
 queued job when none is running. The app calls it from a background thread; tests call it directly.
 
 Stop is graceful: the manager writes ``RUN_DIR/STOP`` and sends SIGTERM to the child; the engine saves a
-checkpoint and ends with an ``end`` event (status "stopped"). Children run in their own session (process
+checkpoint and ends with an ``end`` event (status "stopped"). A child that is still alive ``stop_grace_s`` after
+the request (a hung data loader, a stuck CUDA call) has its process group killed (SIGKILL); the job is then
+recorded as stopped with a message pointing at the last checkpoint it saved. Children run in their own session (process
 group), so a Ctrl+C in the app's terminal does not kill them and a restarted app re-attaches to them.
 """
 
@@ -59,6 +61,7 @@ class JobRecord:
     pid: int | None = None
     returncode: int | None = None
     stop_requested: bool = False
+    stop_requested_at: float | None = None  # when Stop was pressed: the grace period counts from here
     error: str | None = None
 
     @property
@@ -152,11 +155,12 @@ class JobManager:
     """Queue, start, stop and re-attach training jobs under ``runs_root``."""
 
     def __init__(self, runs_root: str | Path, command: CommandFactory = train_command,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, stop_grace_s: float = 60.0) -> None:
         self.runs_root = Path(runs_root).resolve()
         self.runs_root.mkdir(parents=True, exist_ok=True)
         self._command = command
         self._env = env
+        self.stop_grace_s = stop_grace_s
         self._lock = threading.RLock()
         self._children: dict[str, subprocess.Popen] = {}
         self._views = _ViewCache()
@@ -223,7 +227,7 @@ class JobManager:
         """Reap ended children, then start the oldest queued job if nothing runs."""
         with self._lock:
             records = self.list()
-            running = [r for r in records if r.state == "running" and not self._reap(r)]
+            running = [r for r in records if r.state == "running" and not (self._kill_if_overdue(r) or self._reap(r))]
             queued = sorted((r for r in records if r.state == "queued"), key=lambda r: r.created)
             if not running and queued:
                 self._start(queued[0])
@@ -268,6 +272,30 @@ class JobManager:
         self._save(record)
         return True
 
+    def _kill_if_overdue(self, record: JobRecord) -> bool:
+        """SIGKILL the process group of a job that ignored Stop for ``stop_grace_s``; True when it was killed."""
+        if (not record.stop_requested or record.stop_requested_at is None or record.pid is None
+                or time.time() - record.stop_requested_at < self.stop_grace_s or not self._running(record)):
+            return False
+        try:
+            os.killpg(record.pid, signal.SIGKILL)  # its own session: the group is the child and its workers
+        except ProcessLookupError:
+            pass  # ended between the check and the kill: reaped like any ended job
+        child = self._children.pop(record.id, None)
+        returncode = _wait(child, timeout_s=5.0) if child is not None else None
+        checkpoints = self._views.view(Path(record.run_dir)).checkpoints
+        resume = (f"resume from its last checkpoint, {checkpoints[-1][1]} (step {checkpoints[-1][0]})"
+                  if checkpoints else "it saved no checkpoint, so a new run starts from the beginning")
+        record.state, record.ended, record.pid, record.returncode = "stopped", time.time(), None, returncode
+        record.error = (f"the job did not stop within {self.stop_grace_s:g} s of the stop request and was killed; "
+                        f"{resume}")
+        self._save(record)
+        return True
+
+    def _running(self, record: JobRecord) -> bool:
+        child = self._children.get(record.id)
+        return child.poll() is None if child is not None else _process_alive(record)
+
     def stop(self, job_id: str) -> JobRecord | None:
         """Cancel a queued job, or ask a running one to stop (it saves a checkpoint first)."""
         with self._lock:
@@ -278,7 +306,7 @@ class JobManager:
                 record.state, record.ended = "cancelled", time.time()
             else:
                 atomic_write_text(Path(record.run_dir) / STOP_FILE, "stop requested from the app\n")
-                record.stop_requested = True
+                record.stop_requested, record.stop_requested_at = True, time.time()
                 if record.pid is not None:
                     try:
                         os.kill(record.pid, signal.SIGTERM)
@@ -327,6 +355,14 @@ def _process_alive(record: JobRecord) -> bool:
         except OSError:
             return False
     return True
+
+
+def _wait(child: subprocess.Popen, timeout_s: float) -> int | None:
+    """The exit code of a killed child; None if it has not gone yet (stuck in the kernel: a driver call)."""
+    try:
+        return child.wait(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        return None
 
 
 def _failure_message(record: JobRecord, view: RunView) -> str:

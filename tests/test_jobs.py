@@ -145,3 +145,54 @@ def _wait_for(condition, timeout: float = 30.0) -> None:
         if time.time() > deadline:
             raise AssertionError("condition not reached")
         time.sleep(0.02)
+
+
+# A job that ignores SIGTERM and RUN_DIR/STOP (a hung data loader), with a worker in its process group.
+STUBBORN_TRAIN = r'''
+import signal, subprocess, sys, time
+from pathlib import Path
+from lycotrain.engine.events import EventWriter
+run_dir = Path(sys.argv[1]).parent
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+worker = subprocess.Popen([sys.executable, "-c", "import signal, time; signal.signal(signal.SIGTERM, "
+                           "signal.SIG_IGN); time.sleep(300)"])
+(run_dir / "worker.pid").write_text(str(worker.pid))
+events = EventWriter(run_dir)
+events.emit("start", run_dir=str(run_dir), task="image", method="loha", total_steps=100, config={})
+events.emit("checkpoint", step=3, path="checkpoints/step-3")
+while True:
+    time.sleep(0.1)
+'''
+
+
+def test_a_job_that_ignores_stop_is_killed_after_the_grace_period(tmp_path: Path) -> None:
+    script = tmp_path / "stubborn.py"
+    script.write_text(STUBBORN_TRAIN)
+    manager = JobManager(tmp_path / "runs", command=lambda config: [sys.executable, str(script), str(config)],
+                         stop_grace_s=0.5)
+    job_id = _submit(manager, "stubborn", steps=100)
+    run_dir = Path(manager.get(job_id).run_dir)
+    deadline = time.time() + 30
+    while not (manager.view(job_id).checkpoints and (run_dir / "worker.pid").exists()) and time.time() < deadline:
+        time.sleep(0.05)
+    worker_pid = int((run_dir / "worker.pid").read_text())
+    manager.stop(job_id)
+    manager.tick()
+    assert manager.get(job_id).state == "running"  # within the grace period: still waiting for it
+    _wait(manager, job_id, ("stopped",), timeout=10)
+    record = manager.get(job_id)
+    assert "killed" in record.error and str(run_dir / "checkpoints/step-3") in record.error
+    assert record.pid is None and record.returncode == -9
+    deadline = time.time() + 5
+    while _alive(worker_pid) and time.time() < deadline:  # its whole process group went, workers included
+        time.sleep(0.05)
+    assert not _alive(worker_pid)
+
+
+def _alive(pid: int) -> bool:
+    """Running, not a zombie (an orphan is reaped by whatever init the container has, maybe never)."""
+    status = Path(f"/proc/{pid}/status")
+    try:
+        return "\tZ" not in next(line for line in status.read_text().splitlines() if line.startswith("State:"))
+    except FileNotFoundError:
+        return False

@@ -116,3 +116,39 @@ def test_needs_two_lora_experts(tmp_path):
         attach_xlora(load_model(), experts=folders)
     with pytest.raises(FormatError, match="adapter_config.json"):
         attach_xlora(load_model(), experts=[folders[0], tmp_path / "nothing"])
+
+
+def test_config_depth_builds_a_deeper_classifier_that_trains_and_reloads(tmp_path):
+    from lycotrain.engine.config import Config
+    from lycotrain.text.task import build_adapters
+
+    config = Config.from_dict({"task": "text", "network": {"method": "xlora", "experts": [
+        str(f) for f in _experts(tmp_path)], "xlora_depth": 2, "xlora_size": 16}})
+    adapters = build_adapters(load_model(), config)
+    linears = [m for m in adapters.xlora.classifier.layers if isinstance(m, torch.nn.Linear)]
+    assert [tuple(m.weight.shape) for m in linears] == [(16, load_model().config.hidden_size), (2, 16)]
+    adapters.train()
+    optimizer = torch.optim.AdamW(adapters.trainable_parameters(), lr=1e-2)
+    ids = token_batch()
+    adapters.runner(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in adapters.trainable_parameters())
+    optimizer.step()
+    adapters.train(False)
+    with torch.no_grad():
+        before = adapters.runner(ids).logits
+    saved = adapters.save(tmp_path / "adapter")
+    saved_config = json.loads((saved / "adapter_config.json").read_text())
+    assert (saved_config["xlora_depth"], saved_config["xlora_size"]) == (2, 16)
+    reloaded = load_adapter(load_model(), saved)
+    reloaded.train(False)
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded.runner(ids).logits, before, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("field, value", [("xlora_depth", 0), ("xlora_size", 0)])
+def test_config_rejects_a_bad_classifier_shape(field, value):
+    from lycotrain.engine.config import Config
+    from lycotrain.errors import ConfigError
+
+    with pytest.raises(ConfigError, match=f"network.{field}"):
+        Config.from_dict({"task": "text", "network": {"method": "xlora", "experts": ["a", "b"], field: value}})

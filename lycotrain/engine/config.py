@@ -132,6 +132,9 @@ class NetworkConfig:
     xlora_temperature: float = _f(1.0, lo=0.0, lo_open=True, task="text")
     xlora_top_k: int = _f(0, lo=0, task="text", help="0 keeps every expert")
     xlora_layerwise: bool = _f(False, task="text", help="one scaling per layer instead of one for all")
+    xlora_depth: int = _f(1, lo=1, hi=16, task="text",
+                          help="X-LoRA classifier layers; 1 is one Linear, more add hidden layers of xlora_size")
+    xlora_size: int = _f(2048, lo=1, hi=65536, task="text", help="X-LoRA classifier hidden width (xlora_depth > 1)")
 
 
 @dataclass

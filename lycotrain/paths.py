@@ -42,11 +42,17 @@ def build_folder_once(target: Path, marker: str, build: Callable[[Path], object]
     return target
 
 
-def builtin_model_folder(name: str, archs: tuple[str, ...], marker: str, build: Callable[[Path, str], object]) -> Path:
-    """Resolve ``builtin:tiny-<arch>`` to ``$LYCOTRAIN_HOME/models/tiny-<arch>``, building it on first use."""
+def builtin_model_folder(name: str, archs: tuple[str, ...], marker: str, build: Callable[[Path, str], object],
+                         version: int | None = None) -> Path:
+    """Resolve ``builtin:tiny-<arch>`` to ``$LYCOTRAIN_HOME/models/tiny-<arch>``, building it on first use.
+
+    With ``version`` the folder is ``tiny-<arch>-v<version>``: bumping it when a tiny architecture changes
+    makes every cache built by an older lycotrain be ignored (a folder is only ever built once, never checked).
+    """
     short = name.removeprefix(BUILTIN_PREFIX)
     arch = short.removeprefix("tiny-")
     if not short.startswith("tiny-") or arch not in archs:
         choices = ", ".join(f"{BUILTIN_PREFIX}tiny-{a}" for a in archs)
         raise ModelError(f"unknown built-in model {name!r}; choose one of {choices}")
-    return build_folder_once(lycotrain_home() / "models" / short, marker, lambda tmp: build(tmp, arch))
+    folder = short if version is None else f"{short}-v{version}"
+    return build_folder_once(lycotrain_home() / "models" / folder, marker, lambda tmp: build(tmp, arch))

@@ -5,6 +5,7 @@ import json
 import pytest
 import torch
 from _formats_models import randomize, tiny_components, tiny_dirs  # noqa: F401 (fixture)
+from diffusers import UNet2DConditionModel
 from safetensors.torch import save_file
 
 from lycotrain.cli import main
@@ -16,8 +17,8 @@ from lycotrain.inject import inject_pipeline
 
 
 def export(tmp_path, tiny_dirs, arch="sd1", method="lora", params=None, preset="attn-mlp", dtype="fp32",
-           **options):
-    components = tiny_components(tiny_dirs[arch])
+           components=None, **options):
+    components = components or tiny_components(tiny_dirs[arch])
     adapters = inject_pipeline(components, arch, method=method, params=params or {"rank": 4, "alpha": 2.0},
                                preset=preset)
     randomize(adapters)
@@ -41,7 +42,7 @@ def test_lora_file_loads_identically_everywhere(tmp_path, tiny_dirs, arch):
     assert report.loaders["a1111"].detected_version == arch and report.loaders["a1111"].version_matches
 
 
-def test_documented_divergences_alpha_zero_and_a1111_upsampler_rule(tmp_path, tiny_dirs):
+def test_alpha_zero_divergence_and_full_preset_loads_everywhere(tmp_path, tiny_dirs):
     components, path = export(tmp_path, tiny_dirs, "sd1", preset="full")
     file = read_adapter_file(path)
     # alpha = 0 disables a module in every WebUI (spec §1.3); lycotrain, like kohya, reads it as alpha = rank
@@ -50,10 +51,23 @@ def test_documented_divergences_alpha_zero_and_a1111_upsampler_rule(tmp_path, ti
     report = check_file(file, components)
     for loader in LOADERS:
         assert report.loaders[loader].max_rel_diff_m1 == pytest.approx(1.0), loader
-    # A1111's fixed upsampler slot (1 for up block 0) misses the tiny SD1, whose up block 0 has attention
+    # the tiny SD1 has SD1's block order, so every loader (A1111's fixed upsampler slot included) finds all
+    # modules of a `full` export, as on SD1.5
+    for loader in LOADERS:
+        assert report.loaders[loader].matched == report.modules and report.loaders[loader].unmatched == 0, loader
+
+
+def test_a1111_upsampler_slot_assumes_sd_block_order(tmp_path, tiny_dirs):
+    # A1111 puts up block 0's upsampler in slot 1, where SD's attention-less block has it: on a UNet with
+    # attention in up block 0 (unlike any SD) only A1111 drops that module
+    components = tiny_components(tiny_dirs["sd1"])
+    config = dict(components["unet"].config, up_block_types=("CrossAttnUpBlock2D",) * 2)
+    components["unet"] = UNet2DConditionModel.from_config(config).eval()
+    components, path = export(tmp_path, tiny_dirs, "sd1", preset="full", components=components)
+    report = check_file(path, components)
     a1111 = report.loaders["a1111"]
     assert {k.partition(".")[0] for k in a1111.unmatched_keys} == {"lora_unet_up_blocks_0_upsamplers_0_conv"}
-    assert report.loaders["comfyui"].unmatched == 0
+    assert report.loaders["forge"].unmatched == 0 and report.loaders["comfyui"].unmatched == 0
 
 
 def test_file_for_another_model_is_reported_per_loader(tmp_path, tiny_dirs):

@@ -160,7 +160,7 @@ def test_inject_train_remove_restores_bit_for_bit(tiny, method):
 def test_state_dict_load_and_multiplier(tiny):
     unet = tiny["unet"]
     adapters = inject(unet, prefix="lora_unet_", preset="attn", method="lora", params={"rank": 2, "alpha": 1})
-    assert len(adapters) == 4 * 2 * (2 + 4 + 1)  # q,k,v,out x attn1/attn2 x (2 down + 4 up + 1 mid) transformers
+    assert len(adapters) == 4 * 2 * (1 + 2 + 1)  # q,k,v,out x attn1/attn2 x (1 down + 2 up + 1 mid) transformers
     assert set(adapters.counts()) == {"Linear"}
     name = "lora_unet_down_blocks_0_attentions_0_transformer_blocks_0_attn1_to_out_0"
     state = {k: v.clone() for k, v in adapters.state_dict().items()}  # like torch, state_dict shares storage
@@ -202,13 +202,15 @@ def test_include_exclude_and_overrides(tiny):
     unet = tiny["unet"]
     adapters = inject(unet, prefix="lora_unet_", method="lora", params={"rank": 4}, preset="attn-mlp",
                       include=[r"^lora_unet_up_blocks"], exclude=[r"ff_net"],
-                      overrides=[(r"attn2", {"rank": 2}), (r"up_blocks_1_.*attn2_to_k", {"rank": 1, "alpha": 0.5})])
+                      overrides=[(r"attn2", {"rank": 2}),
+                                 (r"up_blocks_1_attentions_1_.*attn2_to_k", {"rank": 1, "alpha": 0.5})])
     assert adapters and all(n.startswith("lora_unet_up_blocks") and "ff_net" not in n for n in adapters)
     ranks = {n: a.rank for n, a in adapters.items()}
-    assert ranks["lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn1_to_q"] == 4
-    assert ranks["lora_unet_up_blocks_0_attentions_0_transformer_blocks_0_attn2_to_q"] == 2
-    assert ranks["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"] == 1
-    assert float(adapters["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"].alpha) == 0.5
+    assert ranks["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn1_to_q"] == 4
+    assert ranks["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_q"] == 2
+    assert ranks["lora_unet_up_blocks_1_attentions_0_transformer_blocks_0_attn2_to_k"] == 2
+    assert ranks["lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k"] == 1
+    assert float(adapters["lora_unet_up_blocks_1_attentions_1_transformer_blocks_0_attn2_to_k"].alpha) == 0.5
 
 
 def test_bad_requests_get_clear_errors(tiny):

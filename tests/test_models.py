@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from lycotrain.cli import main as cli_main
-from lycotrain.diffusion.models import build_tiny_pipeline, builtin_model_path
+from lycotrain.diffusion.models import TINY_VERSION, build_tiny_pipeline, builtin_model_path
 from lycotrain.errors import ModelError
 
 
@@ -35,6 +35,9 @@ def test_sd1_loads_with_diffusers_and_samples(tiny_dirs):
                    "down_blocks.0.resnets.0.time_emb_proj", "mid_block.attentions.0.proj_in"):
         assert needed in names
     assert isinstance(unet.get_submodule("down_blocks.0.attentions.0.proj_in"), torch.nn.Conv2d)  # SD1: 1x1 conv
+    # SD1's block order (attention-less innermost blocks), which the WebUIs' LDM name conversion assumes
+    assert unet.config.down_block_types == ["CrossAttnDownBlock2D", "DownBlock2D"]
+    assert unet.config.up_block_types == ["UpBlock2D", "CrossAttnUpBlock2D"]
     assert pipe.vae_scale_factor == 8
     ids = pipe.tokenizer("a photo of sks dog", padding="max_length", max_length=77).input_ids
     assert len(ids) == 77 and ids[0] == pipe.tokenizer.bos_token_id
@@ -84,12 +87,15 @@ def test_unet_forward_is_fast(tiny_dirs):
 
 def test_builtin_path_builds_once(tmp_path, monkeypatch):
     monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path))
+    stale = tmp_path / "models" / "tiny-sd1"  # a cache from before the tiny SD1 changed its block order
+    stale.mkdir(parents=True)
+    (stale / "model_index.json").write_text("{}")
     path = builtin_model_path("builtin:tiny-sd1")
-    assert path == tmp_path / "models" / "tiny-sd1" and (path / "model_index.json").is_file()
+    assert path == tmp_path / "models" / f"tiny-sd1-v{TINY_VERSION}" and (path / "model_index.json").is_file()
     stamp = (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns
     assert builtin_model_path("builtin:tiny-sd1") == path
     assert (path / "unet" / "diffusion_pytorch_model.safetensors").stat().st_mtime_ns == stamp
-    assert [p.name for p in (tmp_path / "models").iterdir()] == ["tiny-sd1"]  # no temp folder left behind
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == ["tiny-sd1", path.name]  # no temp folder
     with pytest.raises(ModelError, match="builtin:tiny-sdxl"):
         builtin_model_path("builtin:tiny-sd3")
 
@@ -147,7 +153,7 @@ def test_single_file_round_trip_is_identical(tiny_dirs, tmp_path, arch):
                 "first_stage_model.encoder.down.0.block.0.conv1.weight", "first_stage_model.decoder.mid.attn_1.q.weight"}
     if arch == "sd1":
         expected |= {"cond_stage_model.transformer.text_model.encoder.layers.0.self_attn.q_proj.weight",
-                     "model.diffusion_model.output_blocks.1.2.conv.weight"}  # upsampler after an attention block
+                     "model.diffusion_model.output_blocks.1.1.conv.weight"}  # upsampler of attention-less up block 0
     else:
         expected |= {"model.diffusion_model.label_emb.0.0.weight",
                      "conditioner.embedders.0.transformer.text_model.final_layer_norm.weight",

@@ -22,6 +22,9 @@ from lycotrain.errors import ModelError
 from lycotrain.paths import BUILTIN_PREFIX, builtin_model_folder
 
 TINY_ARCHS = ("sd1", "sdxl")
+# Bump when a tiny architecture changes: the built-in models are cached per version, so no user keeps an old one.
+# 2: the tiny SD1 follows SD1's block order (attention-less innermost blocks).
+TINY_VERSION = 2
 
 
 # Shared tiny geometry. Channels 32/64 with 8 norm groups; the VAE has 4 blocks (downscale 8, like SD).
@@ -31,9 +34,20 @@ _TINY_UNET: dict[str, Any] = dict(
     out_channels=4,
     block_out_channels=(32, 64),
     layers_per_block=1,
+    norm_num_groups=8,
+)
+# SD1.x's block order, shortened to two blocks: attention in the outer blocks, none in the innermost ones.
+# The WebUIs' diffusers->LDM name conversion assumes this order (A1111 places the upsampler of up block 0
+# where SD1's attention-less block has it), so a tiny model with another order would drop modules there.
+_TINY_SD1_BLOCKS: dict[str, Any] = dict(
+    down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+    up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+)
+# The tiny SDXL keeps attention in both blocks: its LDM names come out right in every loader, and its
+# second block's two transformer layers are the SDXL-only feature the tests need.
+_TINY_SDXL_BLOCKS: dict[str, Any] = dict(
     down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
     up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
-    norm_num_groups=8,
 )
 _TINY_VAE: dict[str, Any] = dict(
     in_channels=3,
@@ -87,7 +101,7 @@ def _tiny_sd1():
 
     tokenizer = _tiny_tokenizer(pad_token="<|endoftext|>")
     text_encoder = CLIPTextModel(_tiny_text_config(tokenizer, 32))
-    unet = UNet2DConditionModel(**_TINY_UNET, cross_attention_dim=32, attention_head_dim=4)
+    unet = UNet2DConditionModel(**_TINY_UNET, **_TINY_SD1_BLOCKS, cross_attention_dim=32, attention_head_dim=4)
     vae = AutoencoderKL(**_TINY_VAE)
     return StableDiffusionPipeline(vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
                                    scheduler=DDPMScheduler(**_SD_SCHEDULER), safety_checker=None,
@@ -106,6 +120,7 @@ def _tiny_sdxl():
     time_embed_dim = 8
     unet = UNet2DConditionModel(
         **_TINY_UNET,
+        **_TINY_SDXL_BLOCKS,
         cross_attention_dim=32 + 48,
         attention_head_dim=(2, 4),
         transformer_layers_per_block=(1, 2),
@@ -142,7 +157,8 @@ def builtin_model_path(name: str) -> Path:
     The build happens in a temporary folder next to the target and is renamed into place, so a crash or a
     concurrent build never leaves a half-written model that a later run would trust.
     """
-    return builtin_model_folder(name, TINY_ARCHS, "model_index.json", lambda folder, arch: build_tiny_pipeline(folder, arch=arch))
+    return builtin_model_folder(name, TINY_ARCHS, "model_index.json",
+                                lambda folder, arch: build_tiny_pipeline(folder, arch=arch), version=TINY_VERSION)
 
 
 # ---- loading ----------------------------------------------------------------------------------------

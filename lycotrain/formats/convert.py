@@ -17,7 +17,8 @@ import torch
 from torch import nn
 
 from lycotrain.errors import FormatError
-from lycotrain.formats.kohya import AdapterFile, adapter_from_tensors, read_adapter_file, write_safetensors
+from lycotrain.formats.kohya import (AdapterFile, adapter_from_tensors, names_fitting_file, read_adapter_file,
+                                      write_safetensors)
 from lycotrain.formats.lowrank import lora_from_delta
 from lycotrain.formats.metadata import BASE_MODEL_VERSION, build_metadata, with_model_hash
 from lycotrain.formats.names import model_names
@@ -55,11 +56,7 @@ def merge_file(components: Mapping[str, nn.Module], file: AdapterFile | str | Pa
     """
     if not isinstance(file, AdapterFile):
         file = read_adapter_file(file)
-    names = model_names(components)
-    unknown = sorted(n for n in file.modules if n not in names.from_file)
-    if unknown:
-        raise FormatError(f"{file.source}: {len(unknown)} module(s) name no layer of this {names.family} model, "
-                          f"e.g. {unknown[:5]}; the file was made for another architecture")
+    names = names_fitting_file(components, file)
     deltas = {}
     with torch.no_grad():
         for name in file.modules:  # compute every delta first: OFT's depends on the unmerged weight

@@ -32,7 +32,7 @@ from lycotrain.adapters import Adapter
 from lycotrain.atomic import atomic_write
 from lycotrain.errors import FormatError
 from lycotrain.formats.lowrank import lora_from_delta
-from lycotrain.formats.names import FAMILIES, LDMNameMap, UNetLayout, model_names
+from lycotrain.formats.names import FAMILIES, LDMNameMap, ModelNames, UNetLayout, model_names
 
 DTYPES: dict[str, torch.dtype] = {"fp16": torch.float16, "fp32": torch.float32}
 
@@ -560,6 +560,16 @@ def adapter_from_tensors(file: AdapterFile, name: str, layer: nn.Linear | nn.Con
     return adapter
 
 
+def names_fitting_file(components: Mapping[str, nn.Module], file: AdapterFile) -> ModelNames:
+    """The model's names, after checking that every module of ``file`` names one of its layers."""
+    names = model_names(components)
+    unknown = sorted(n for n in file.modules if n not in names.from_file)
+    if unknown:
+        raise FormatError(f"{file.source}: {len(unknown)} of {len(file.modules)} module(s) name no layer of this "
+                          f"{names.family} model, e.g. {unknown[:5]}; the file was made for another architecture")
+    return names
+
+
 def apply_file(components: Mapping[str, nn.Module], file: AdapterFile | str | Path, *,
                multiplier: float = 1.0):
     """Inject the adapters stored in ``file`` into ``components`` (``unet``, ``text_encoder``[, ``_2``]) and
@@ -573,11 +583,7 @@ def apply_file(components: Mapping[str, nn.Module], file: AdapterFile | str | Pa
 
     if not isinstance(file, AdapterFile):
         file = read_adapter_file(file)
-    names = model_names(components)
-    unknown = sorted(n for n in file.modules if n not in names.from_file)
-    if unknown:
-        raise FormatError(f"{file.source}: {len(unknown)} of {len(file.modules)} module(s) name no layer of this "
-                          f"{names.family} model, e.g. {unknown[:5]}; the file was made for another architecture")
+    names = names_fitting_file(components, file)
     prefixes = {c: component_prefix(c, names.family) for c in components}
     plans: dict[tuple[str, str], dict[str, ModulePlan]] = {}
     for file_name, tensors in file.modules.items():

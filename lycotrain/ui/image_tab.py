@@ -11,16 +11,15 @@ from typing import Any
 import gradio as gr
 from PIL import Image
 
-from lycotrain.engine.config import Config, config_to_cli, load_config
+from lycotrain.engine.config import Config
 from lycotrain.diffusion.demo_data import make_demo_dataset
 from lycotrain.errors import DatasetError, ModelError
-from lycotrain.jobs import JobManager
 from lycotrain.ui import datasets
-from lycotrain.ui.forms import (Form, config_to_values, keep_method_params, method_param_names, prompt_widgets,
-                                values_to_config, widget)
+from lycotrain.ui.form_tab import FormTab
+from lycotrain.ui.forms import method_param_names, prompt_widgets, widget
 from lycotrain.ui.live import LiveView
 from lycotrain.ui.messages import error_html, guarded, notice_html, success_html
-from lycotrain.ui.presets import list_presets, save_preset
+from lycotrain.ui.presets import list_presets
 from lycotrain.ui.runner import run_cli
 
 image_widget = partial(widget, prefix="image")
@@ -74,12 +73,9 @@ def thumbnail(path: Path, size: int = 192) -> Image.Image:
         return image.convert("RGB")
 
 
-class ImageTab:
-    def __init__(self, manager: JobManager) -> None:
-        self.manager = manager
-        self.uploads = manager.runs_root / "_uploads"
-        self.form: Form = {}
-        self.build()
+class ImageTab(FormTab):
+    task = "image"
+    method_params = METHOD_PARAMS
 
     # ---- layout -------------------------------------------------------------------------------------------
     def build(self) -> None:
@@ -187,11 +183,7 @@ class ImageTab:
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS])
         self.lint_button.click(guarded(msg)(self.lint), inputs, {msg, self.report})
-        self.cli_button.click(guarded(msg)(self.show_cli), inputs, {msg, self.cli_command})
-        self.preset_load.click(guarded(msg)(self.load_preset), inputs | {self.preset_picker}, {msg, *f.values()})
-        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name},
-                               {msg, self.preset_picker})
-        self.start_button.click(guarded(msg)(self.start), inputs, {msg, self.live.job_id, self.live.rendered})
+        self.wire_form()
         ext = f["dataset.caption_extension"]
         self.caption_load.click(guarded(msg)(self.load_captions), [f["dataset.path"], ext],
                                 {msg, self.caption_gallery, self.caption_paths, self.caption_text})
@@ -204,43 +196,12 @@ class ImageTab:
         self.caption_replace_apply.click(guarded(msg)(self.bulk_replace),
                                          [f["dataset.path"], ext, self.caption_find, self.caption_replace], {msg})
 
-    def config(self, data: dict[Any, Any], run_dir: str = "") -> Config:
-        values = {key: data[component] for key, component in self.form.items()}
-        return values_to_config("image", keep_method_params(values, METHOD_PARAMS),
-                                {"run_dir": run_dir} if run_dir else None)
-
     def show_method_params(self, method: str) -> list[dict]:
         shown = METHOD_PARAMS.get(method, ())
         return [gr.update(visible=name in shown) for name in ALL_METHOD_PARAMS]
 
-    def start(self, data: dict[Any, Any]) -> dict:
-        config = self.config(data)
+    def check_inputs(self, config: Config) -> None:
         check_paths(config)
-        name = config.save.output_name or f"{config.network.method}-{datasets.display_name(config.dataset.path)}"
-        run_dir = self.manager.new_run_dir(name)
-        config = self.config(data, str(run_dir))
-        record = self.manager.submit(run_dir, config.to_toml(), task="image", name=name)
-        where = "started" if record.state == "running" else "queued (another run is in progress)"
-        job_id, rendered = self.live.show(record.id)
-        return {self.message: success_html(f"Run {record.name} {where}. Its folder: {run_dir}"),
-                self.live.job_id: job_id, self.live.rendered: rendered}
-
-    def show_cli(self, data: dict[Any, Any]) -> dict:
-        return {self.message: "", self.cli_command: config_to_cli(self.config(data))}
-
-    def load_preset(self, data: dict[Any, Any]) -> dict:
-        path = data[self.preset_picker]
-        if not path:
-            raise DatasetError("preset: none chosen; pick a preset in the list first")
-        values = config_to_values(load_config(path), list(self.form))
-        keep = {k for k in ("model.path", "dataset.path") if not values.get(k)}
-        return {self.message: success_html(f"Loaded preset {Path(path).stem}."),
-                **{self.form[k]: v for k, v in values.items() if k not in keep}}
-
-    def save_preset(self, data: dict[Any, Any]) -> dict:
-        path = save_preset(self.config(data), data[self.preset_name])
-        return {self.message: success_html(f"Saved preset {path}."),
-                self.preset_picker: gr.update(choices=list_presets("image"), value=str(path))}
 
     def create_demo_dataset(self) -> dict:
         folder = make_demo_dataset(datasets.new_upload_folder(self.uploads, "demo-dataset"))

@@ -13,15 +13,15 @@ from typing import Any
 
 import gradio as gr
 
-from lycotrain.engine.config import Config, config_to_cli, load_config
+from lycotrain.engine.config import Config, load_config
 from lycotrain.errors import DatasetError, LycotrainError, ModelError
 from lycotrain.jobs import JobManager
-from lycotrain.ui.datasets import display_name, new_upload_folder, sanitize_name
-from lycotrain.ui.forms import (Form, config_to_values, keep_method_params, method_param_names, prompt_widgets,
-                                values_to_config, widget)
+from lycotrain.ui.datasets import new_upload_folder, sanitize_name
+from lycotrain.ui.form_tab import FormTab
+from lycotrain.ui.forms import method_param_names, prompt_widgets, widget
 from lycotrain.ui.live import LiveView
 from lycotrain.ui.messages import guarded, success_html
-from lycotrain.ui.presets import list_presets, save_preset
+from lycotrain.ui.presets import list_presets
 from lycotrain.ui.runner import run_cli
 
 text_widget = partial(widget, prefix="text")
@@ -73,12 +73,9 @@ def adapter_dir(manager: JobManager, job_id: str | None) -> Path | None:
     return dirs[0] if dirs else None
 
 
-class TextTab:
-    def __init__(self, manager: JobManager) -> None:
-        self.manager = manager
-        self.uploads = manager.runs_root / "_uploads"
-        self.form: Form = {}
-        self.build()
+class TextTab(FormTab):
+    task = "text"
+    method_params = METHOD_PARAMS
 
     def build(self) -> None:
         f = self.form
@@ -152,17 +149,12 @@ class TextTab:
 
     def wire(self) -> None:
         f, msg = self.form, self.message
-        inputs = set(f.values())
         self.demo_model.click(None, None, f["model.path"], js=f"() => {DEMO_LM!r}")  # instant, in the browser
         self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS] + [self.experts_refresh])
         self.experts_refresh.click(lambda: gr.update(choices=self.expert_choices()), None, f["network.experts"])
-        self.cli_button.click(guarded(msg)(self.show_cli), inputs, {msg, self.cli_command})
-        self.preset_load.click(guarded(msg)(self.load_preset), inputs | {self.preset_picker}, {msg, *f.values()})
-        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name},
-                               {msg, self.preset_picker})
-        self.start_button.click(guarded(msg)(self.start), inputs, {msg, self.live.job_id, self.live.rendered})
+        self.wire_form()
         self.gen_button.click(guarded(msg)(self.generate),
                               {self.gen_prompt, self.gen_tokens, self.live.job_id},
                               {msg, self.gen_base, self.gen_adapted})
@@ -176,19 +168,20 @@ class TextTab:
                 choices.append((f"{record.name} ({folder.name})", str(folder)))
         return choices
 
-    def config(self, data: dict[Any, Any], run_dir: str = "") -> Config:
-        values = {key: data[component] for key, component in self.form.items()}
+    def form_values(self, data: dict[Any, Any]) -> dict[str, Any]:
+        values = super().form_values(data)
         values["network.experts"] = list(values.get("network.experts") or [])
-        return values_to_config("text", keep_method_params(values, METHOD_PARAMS),
-                                {"run_dir": run_dir} if run_dir else None)
+        return values
+
+    def preset_values(self, config: Config) -> dict[str, Any]:
+        return {**super().preset_values(config), "network.experts": config.network.experts}
 
     def show_method_params(self, method: str) -> list[dict]:
         shown = METHOD_PARAMS.get(method, ())
         return [gr.update(visible=name in shown) for name in ALL_METHOD_PARAMS] + \
             [gr.update(visible=method == "xlora")]
 
-    def start(self, data: dict[Any, Any]) -> dict:
-        config = self.config(data)
+    def check_inputs(self, config: Config) -> None:
         if not config.model.path.strip():
             raise ModelError("model.path is empty; press “Use the built-in tiny LM” or enter a local model folder")
         if not config.model.path.startswith("builtin:") and not Path(config.model.path).exists():
@@ -196,32 +189,6 @@ class TextTab:
         if not config.dataset.path.strip() or not Path(config.dataset.path).is_file():
             raise DatasetError(f"dataset.path: {config.dataset.path or '(empty)'} is not a file on the server; "
                                "upload a .json/.jsonl dataset or enter its path")
-        name = config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
-        run_dir = self.manager.new_run_dir(name)
-        record = self.manager.submit(run_dir, self.config(data, str(run_dir)).to_toml(), task="text", name=name)
-        where = "started" if record.state == "running" else "queued (another run is in progress)"
-        job_id, rendered = self.live.show(record.id)
-        return {self.message: success_html(f"Run {record.name} {where}. Its folder: {run_dir}"),
-                self.live.job_id: job_id, self.live.rendered: rendered}
-
-    def show_cli(self, data: dict[Any, Any]) -> dict:
-        return {self.message: "", self.cli_command: config_to_cli(self.config(data))}
-
-    def load_preset(self, data: dict[Any, Any]) -> dict:
-        path = data[self.preset_picker]
-        if not path:
-            raise DatasetError("preset: none chosen; pick a preset in the list first")
-        config = load_config(path)
-        values = config_to_values(config, list(self.form))
-        values["network.experts"] = config.network.experts
-        keep = {k for k in ("model.path", "dataset.path") if not values.get(k)}
-        return {self.message: success_html(f"Loaded preset {Path(path).stem}."),
-                **{self.form[k]: v for k, v in values.items() if k not in keep}}
-
-    def save_preset(self, data: dict[Any, Any]) -> dict:
-        path = save_preset(self.config(data), data[self.preset_name])
-        return {self.message: success_html(f"Saved preset {path}."),
-                self.preset_picker: gr.update(choices=list_presets("text"), value=str(path))}
 
     def import_upload(self, file: str | None) -> dict:
         if not file:

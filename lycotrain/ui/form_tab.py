@@ -1,0 +1,98 @@
+"""What the image and text tabs share: a form built from the config schema, presets, the CLI command and Start.
+
+A subclass builds its layout in ``build`` (setting the widgets named below), says which task and which network
+fields each method shows, and checks its own inputs before a run is queued.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, ClassVar
+
+import gradio as gr
+
+from lycotrain.engine.config import Config, config_to_cli, load_config
+from lycotrain.errors import DatasetError
+from lycotrain.jobs import JobManager
+from lycotrain.ui.datasets import display_name
+from lycotrain.ui.forms import Form, config_to_values, keep_method_params, values_to_config
+from lycotrain.ui.live import LiveView
+from lycotrain.ui.messages import guarded, success_html
+from lycotrain.ui.presets import list_presets, save_preset
+
+
+class FormTab:
+    task: ClassVar[str]
+    method_params: ClassVar[dict[str, tuple[str, ...]]]
+    # widgets every subclass's ``build`` creates
+    message: gr.HTML
+    live: LiveView
+    cli_button: gr.Button
+    cli_command: gr.Textbox
+    preset_picker: gr.Dropdown
+    preset_load: gr.Button
+    preset_name: gr.Textbox
+    preset_save: gr.Button
+    start_button: gr.Button
+
+    def __init__(self, manager: JobManager) -> None:
+        self.manager = manager
+        self.uploads = manager.runs_root / "_uploads"
+        self.form: Form = {}
+        self.build()
+
+    def build(self) -> None:
+        raise NotImplementedError
+
+    def check_inputs(self, config: Config) -> None:
+        """Catch the usual path mistakes before a job is queued (the engine would fail on them a minute later)."""
+
+    def wire_form(self) -> None:
+        """Events of the shared buttons: CLI command, presets, Start."""
+        f, msg = self.form, self.message
+        inputs = set(f.values())
+        self.cli_button.click(guarded(msg)(self.show_cli), inputs, {msg, self.cli_command})
+        self.preset_load.click(guarded(msg)(self.load_preset), inputs | {self.preset_picker}, {msg, *f.values()})
+        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name},
+                               {msg, self.preset_picker})
+        self.start_button.click(guarded(msg)(self.start), inputs, {msg, self.live.job_id, self.live.rendered})
+
+    # ---- form <-> config --------------------------------------------------------------------------------------
+    def form_values(self, data: dict[Any, Any]) -> dict[str, Any]:
+        return {key: data[component] for key, component in self.form.items()}
+
+    def config(self, data: dict[Any, Any], run_dir: str = "") -> Config:
+        values = keep_method_params(self.form_values(data), self.method_params)
+        return values_to_config(self.task, values, {"run_dir": run_dir} if run_dir else None)
+
+    def preset_values(self, config: Config) -> dict[str, Any]:
+        return config_to_values(config, list(self.form))
+
+    # ---- handlers -----------------------------------------------------------------------------------------
+    def start(self, data: dict[Any, Any]) -> dict:
+        config = self.config(data)
+        self.check_inputs(config)
+        name = config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
+        run_dir = self.manager.new_run_dir(name)
+        record = self.manager.submit(run_dir, self.config(data, str(run_dir)).to_toml(), task=self.task, name=name)
+        where = "started" if record.state == "running" else "queued (another run is in progress)"
+        job_id, rendered = self.live.show(record.id)
+        return {self.message: success_html(f"Run {record.name} {where}. Its folder: {run_dir}"),
+                self.live.job_id: job_id, self.live.rendered: rendered}
+
+    def show_cli(self, data: dict[Any, Any]) -> dict:
+        return {self.message: "", self.cli_command: config_to_cli(self.config(data))}
+
+    def load_preset(self, data: dict[Any, Any]) -> dict:
+        path = data[self.preset_picker]
+        if not path:
+            raise DatasetError("preset: none chosen; pick a preset in the list first")
+        values = self.preset_values(load_config(path))
+        keep = {k for k in ("model.path", "dataset.path") if not values.get(k)}
+        return {self.message: success_html(f"Loaded preset {Path(path).stem}."),
+                **{self.form[k]: v for k, v in values.items() if k not in keep}}
+
+    def save_preset(self, data: dict[Any, Any]) -> dict:
+        path = save_preset(self.config(data), data[self.preset_name])
+        return {self.message: success_html(f"Saved preset {path}."),
+                self.preset_picker: gr.update(choices=list_presets(self.task), value=str(path))}

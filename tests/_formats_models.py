@@ -58,6 +58,19 @@ def tiny_components(folder) -> dict[str, torch.nn.Module]:
     return parts
 
 
+def unet_output(unet, seed: int = 0) -> torch.Tensor:
+    """The UNet output on fixed random inputs (SDXL gets its added conditioning)."""
+    gen = torch.Generator().manual_seed(seed)
+    sample = torch.randn(1, 4, 8, 8, generator=gen)
+    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
+    extra = {}
+    if unet.config.addition_embed_type == "text_time":
+        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 48, generator=gen),
+                                      "time_ids": torch.randn(1, 6, generator=gen)}
+    with torch.no_grad():
+        return unet(sample, 10, context, **extra).sample
+
+
 def randomize(adapters, std: float = 0.05, seed: int = 0) -> None:
     """Give every adapter parameter random values (fresh adapters have delta W = 0, which proves nothing)."""
     gen = torch.Generator().manual_seed(seed)

@@ -3,7 +3,7 @@ SGM -> diffusers block map) gives the same UNet and text-encoder outputs as our 
 
 import pytest
 import torch
-from _formats_models import randomize, tiny_components, tiny_dirs  # noqa: F401 (fixture)
+from _formats_models import randomize, tiny_components, tiny_dirs, unet_output  # noqa: F401 (fixture)
 from diffusers import DiffusionPipeline
 
 from lycotrain.formats.kohya import save_webui_file
@@ -11,17 +11,9 @@ from lycotrain.inject import inject_pipeline
 
 
 def outputs(components, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    unet = components["unet"]
-    sample = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
-    extra = {}
-    if unet.config.addition_embed_type == "text_time":
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 48, generator=gen),
-                                      "time_ids": torch.randn(1, 6, generator=gen)}
     tokens = torch.tensor([[0, 5, 9, 17, 1]])
+    result = {"unet": unet_output(components["unet"], seed)}
     with torch.no_grad():
-        result = {"unet": unet(sample, 10, context, **extra).sample}
         for key in ("text_encoder", "text_encoder_2"):
             if key in components:
                 result[key] = components[key](tokens).last_hidden_state

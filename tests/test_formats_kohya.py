@@ -5,7 +5,7 @@ import struct
 
 import pytest
 import torch
-from _formats_models import randomize, tiny_components, tiny_dirs  # noqa: F401 (fixture)
+from _formats_models import randomize, tiny_components, tiny_dirs, unet_output  # noqa: F401 (fixture)
 from lycoris.functional import diag_oft, locon, loha, lokr
 from safetensors import safe_open
 from safetensors.torch import save_file
@@ -37,18 +37,6 @@ def export(tmp_path, arch, tiny_dirs, method="lora", params=None, dtype="fp32", 
     result = save_webui_file(path, adapters, family=FAMILY[arch], unet_config=components["unet"].config,
                              dtype=dtype, **(export_options or {}))
     return components, adapters, path, result
-
-
-def unet_output(unet, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    sample = torch.randn(1, 4, 8, 8, generator=gen)
-    context = torch.randn(1, 5, unet.config.cross_attention_dim, generator=gen)
-    extra = {}
-    if unet.config.addition_embed_type == "text_time":
-        extra["added_cond_kwargs"] = {"text_embeds": torch.randn(1, 48, generator=gen),
-                                      "time_ids": torch.randn(1, 6, generator=gen)}
-    with torch.no_grad():
-        return unet(sample, 10, context, **extra).sample
 
 
 def comparable(adapter):

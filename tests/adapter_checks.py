@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -81,3 +83,17 @@ def check_learns(student: Adapter, teacher: Adapter, x: torch.Tensor, steps: int
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.3 * losses[0], f"loss {losses[0]:.4g} -> {losses[-1]:.4g}"
+
+
+def check_matches_peft(adapter: Adapter, fresh_base: nn.Module, peft_layers: Any, config: Any,
+                       copy_into: Callable[[Adapter, nn.Module, str], None]) -> None:
+    """peft's layer of the same method (``peft_layers.Linear``/``Conv2d``), given our parameters, computes the
+    same delta weight and forward."""
+    fresh_base.load_state_dict(adapter.base.state_dict())
+    cls = peft_layers.Linear if isinstance(fresh_base, nn.Linear) else peft_layers.Conv2d
+    theirs = cls(fresh_base, "default", config=config, r=adapter.rank, alpha=float(adapter.alpha))
+    copy_into(adapter, theirs, "default")
+    x = input_for(adapter.base)
+    with torch.no_grad():
+        assert_rel_close(adapter.delta_weight(), theirs.get_delta_weight("default"))
+        assert_rel_close(adapter(x), theirs(x))

@@ -1,6 +1,7 @@
 import pytest
 import torch
-from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, check_learns, input_for,
+from adapter_checks import (assert_rel_close, check_adapter_contract, check_identity_at_init, check_learns,
+                            check_matches_peft, input_for,
                             merged_reference, randomize)
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -80,16 +81,8 @@ def test_forward_and_delta_match_peft(kind, path):
     ad = make(kind)
     randomize(ad)
     ad.forward_path = path
-    theirs_base = LAYERS[kind][0]()
-    theirs_base.load_state_dict(ad.base.state_dict())
-    cls = peft_loha.Linear if isinstance(theirs_base, nn.Linear) else peft_loha.Conv2d
     config = LoHaConfig(r=ad.rank, alpha=float(ad.alpha), use_effective_conv2d=ad.use_tucker)
-    theirs = cls(theirs_base, "default", config=config, r=ad.rank, alpha=float(ad.alpha))
-    copy_into(ad, theirs, "default")
-    x = input_for(ad.base)
-    with torch.no_grad():
-        assert_rel_close(ad.delta_weight(), theirs.get_delta_weight("default"))
-        assert_rel_close(ad(x), theirs(x))
+    check_matches_peft(ad, LAYERS[kind][0](), peft_loha, config, copy_into)
 
 
 @pytest.mark.parametrize("kind", LAYERS)

@@ -10,7 +10,9 @@ from lycotrain.engine.loop import train
 
 METHODS = ["lora", "loha", "lokr", "oft", "hra"]
 STEPS = 40
-# final loss / first loss must be below this; through the text encoder alone the tiny UNet's loss moves less
+# final loss / first loss must be below this. Through the text encoder alone only the cross-attention conditioning
+# changes, so the loss levels off higher: at seed 0 every method ends at 0.80-0.83 of its start (seeds 1-3: up to
+# 0.90); the disconnected run stays at exactly 1.
 MARGIN = {"unet": 0.7, "te": 0.9}
 
 
@@ -84,3 +86,18 @@ def test_oft_export_for_forge(tmp_path, assets, as_lora):
     loaders = json.loads(result["outputs"]["compat_json"].read_text())["loaders"]
     assert loaders["forge"]["rejected"] is (not as_lora)
     assert loaders["a1111"]["max_rel_diff_m1"] < 1e-3
+
+
+def test_fixed_noise_does_not_depend_on_where_the_dataset_lives(tmp_path, assets):
+    """The learning tests' numbers must not change with pytest's temporary folder (or a user's moved dataset)."""
+    import shutil
+
+    model, data = assets
+    curves = []
+    for folder in ("here", "elsewhere/deeper"):
+        copy = shutil.copytree(data, tmp_path / folder / "data")
+        config = image_config(tmp_path / folder / "run", model, copy,
+                              training={"max_steps": 3, "fixed_noise": True})
+        assert train(config)["status"] == "finished"
+        curves.append(losses(tmp_path / folder / "run"))
+    assert curves[0] == curves[1]

@@ -5,8 +5,8 @@ timestep per image -> the UNet predicts epsilon or v -> L2 or pseudo-Huber loss 
 min-SNR gamma and by the prior-loss weight of regularization images -> plus the adapters' regulariser (HRA).
 
 With ``training.fixed_noise`` each image gets the same noise and timestep at every step (drawn from a
-generator seeded by the run seed and the image path): the training-set loss then measures learning alone,
-which is what the learning tests need.
+generator seeded by the run seed and the image's file name, so a moved dataset draws the same): the
+training-set loss then measures learning alone, which is what the learning tests need.
 """
 
 from __future__ import annotations
@@ -184,7 +184,9 @@ class DiffusionTask:
         if training.fixed_noise:  # the same noise and timestep for an image at every step
             noises, steps = [], []
             for path in paths:
-                generator = torch.Generator().manual_seed(self.config.seed + zlib.crc32(path.encode()))
+                # keyed on the file name, not the full path: a moved or copied dataset draws the same noise
+                name = Path(path).name
+                generator = torch.Generator().manual_seed(self.config.seed + zlib.crc32(name.encode()))
                 noises.append(torch.randn(latents.shape[1:], generator=generator))
                 offset = torch.randn(latents.shape[1], 1, 1, generator=generator)
                 noises[-1] = noises[-1] + training.noise_offset * offset

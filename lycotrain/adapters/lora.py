@@ -16,6 +16,8 @@ from torch import nn
 from lycotrain.adapters.base import Adapter, BaseLayer, scale_from_alpha
 from lycotrain.errors import AdapterError
 
+DROPOUT_PLACES = ("down", "input")  # where ``dropout`` acts; see LoRAAdapter.__init__
+
 
 # ---- pure functions ---------------------------------------------------------------------------------
 def lora_delta(up: torch.Tensor, down: torch.Tensor, mid: torch.Tensor | None, scale: float,
@@ -45,13 +47,19 @@ class LoRAAdapter(Adapter):
     method = "lora"
 
     def __init__(self, base: BaseLayer, rank: int = 8, alpha: float | None = None, *, use_tucker: bool = True,
-                 dropout: float = 0.0, rank_dropout: float = 0.0, multiplier: float = 1.0,
-                 module_dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, dropout_on: str = "down", rank_dropout: float = 0.0,
+                 multiplier: float = 1.0, module_dropout: float = 0.0) -> None:
+        """``dropout_on`` says where ``dropout`` acts: "down" drops the rank activations after lora_down (kohya's
+        neuron dropout, what image LoRA trainers do); "input" drops the layer input before lora_down (PEFT's
+        ``lora_dropout``: lora_B(lora_A(dropout(x))), what a PEFT adapter_config.json promises)."""
         super().__init__(base, multiplier=multiplier, module_dropout=module_dropout)
         if rank < 1:
             raise AdapterError(f"lora: rank must be >= 1, got {rank}")
+        if dropout_on not in DROPOUT_PLACES:
+            raise AdapterError(f"lora: dropout_on must be one of {', '.join(DROPOUT_PLACES)}, got {dropout_on!r}")
         self.rank = int(rank)
         self.dropout = float(dropout)
+        self.dropout_on = dropout_on
         self.rank_dropout_p = float(rank_dropout)
         self.use_tucker = bool(use_tucker) and not self.is_pointwise
         self.register_alpha(alpha if alpha else rank)
@@ -90,10 +98,11 @@ class LoRAAdapter(Adapter):
                           self.base.weight.shape)
 
     def adapted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        lx = self.lora_down(x)
+        dropping = self.training and self.dropout > 0
+        lx = self.lora_down(F.dropout(x, p=self.dropout) if dropping and self.dropout_on == "input" else x)
         if self.lora_mid is not None:
             lx = self.lora_mid(lx)
-        if self.training and self.dropout > 0:
+        if dropping and self.dropout_on == "down":
             lx = F.dropout(lx, p=self.dropout)
         if self.training and self.rank_dropout_p > 0:
             lx = rank_dropout(lx, self.rank_dropout_p)

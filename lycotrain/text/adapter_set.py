@@ -301,11 +301,15 @@ def _uses_conv1d(targets: dict[str, nn.Module]) -> bool:
 
 def attach_lora(model: nn.Module, *, target_modules: list[str] | tuple[str, ...] = DEFAULT_TARGETS, rank: int = 8,
                 alpha: float = 16.0, dropout: float = 0.0) -> TextAdapterSet:
-    """LoRA (``LoRAAdapter``: kaiming A, zero B, scale alpha / r, like PEFT) on the target linear layers."""
+    """LoRA (``LoRAAdapter``: kaiming A, zero B, scale alpha / r, like PEFT) on the target linear layers.
+
+    ``dropout`` is PEFT's ``lora_dropout``: it drops the layer input of the LoRA branch, not the rank activations
+    (kohya's image-LoRA dropout), so a run means what the saved adapter_config.json says."""
     model.requires_grad_(False)
     targets = find_targets(model, target_modules)
     modules, originals = _wrap_linears(
-        model, targets, lambda base: LoRAAdapter(base, rank=rank, alpha=alpha or rank, dropout=dropout))
+        model, targets,
+        lambda base: LoRAAdapter(base, rank=rank, alpha=alpha or rank, dropout=dropout, dropout_on="input"))
     settings = dict(rank=rank, alpha=float(alpha or rank), dropout=dropout, targets=_target_names(targets),
                     fan_in_fan_out=_uses_conv1d(targets))
     return TextAdapterSet("lora", model, modules, originals, settings)
@@ -439,14 +443,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> TextAdapterSet:
     targets = sorted({p.rsplit(".", 1)[-1] for p in grouped})
     if peft_type == "LORA":
         adapters = attach_lora(model, target_modules=targets, rank=int(config.get("r", 8)),
-                               alpha=float(config.get("lora_alpha", 8)))
+                               alpha=float(config.get("lora_alpha", 8)), dropout=_lora_dropout(config, folder))
         renames = {"lora_A.weight": "lora_down.weight", "lora_B.weight": "lora_up.weight"}
     elif peft_type == "ADALORA":
         init_r = int(config.get("init_r", 12))
         pattern = peft_format.rank_pattern_from_config(config)
         adapters = attach_adalora(model, target_modules=targets, init_r=init_r, target_r=int(config.get("target_r", 8)),
                                   alpha=float(config.get("lora_alpha", 8)), total_step=int(config.get("total_step", 0)),
-                                  rank_pattern=pattern or {})
+                                  dropout=_lora_dropout(config, folder), rank_pattern=pattern or {})
         renames = {n: n for n in peft_format.ADALORA_TENSORS}
     else:
         adapters = attach_llama_adapter(model, adapter_len=int(config["adapter_len"]),
@@ -454,6 +458,14 @@ def load_adapter(model: nn.Module, folder: str | Path) -> TextAdapterSet:
         renames = {n: n for n in peft_format.ADAPTION_TENSORS}
     _load_module_tensors(adapters, grouped, renames, folder)
     return adapters
+
+
+def _lora_dropout(config: dict[str, Any], folder: Path) -> float:
+    """The folder's ``lora_dropout``, kept so that training on from a loaded folder (and saving it) keeps it."""
+    dropout = float(config.get("lora_dropout") or 0.0)
+    if not 0.0 <= dropout < 1.0:
+        raise FormatError(f"{folder}: lora_dropout = {dropout} in adapter_config.json; it must lie in [0, 1)")
+    return dropout
 
 
 def _load_module_tensors(adapters: TextAdapterSet, grouped: dict[str, dict[str, torch.Tensor]],

@@ -145,8 +145,40 @@ def test_config_depth_builds_a_deeper_classifier_that_trains_and_reloads(tmp_pat
         torch.testing.assert_close(reloaded.runner(ids).logits, before, atol=0, rtol=0)
 
 
-@pytest.mark.parametrize("field, value", [("xlora_depth", 0), ("xlora_size", 0)])
-def test_config_rejects_a_bad_classifier_shape(field, value):
+@pytest.mark.parametrize("dropout", [0.0, 0.35])
+def test_config_classifier_dropout_is_built_saved_and_reloaded(tmp_path, dropout):
+    from lycotrain.engine.config import Config
+    from lycotrain.text.task import build_adapters
+
+    experts = [str(f) for f in _experts(tmp_path)]
+    network = {"method": "xlora", "experts": experts, "xlora_depth": 3, "xlora_size": 8}
+    assert Config.from_dict({"task": "text", "network": network}).network.xlora_dropout == 0.2  # PEFT's default
+    config = Config.from_dict({"task": "text", "network": {**network, "xlora_dropout": dropout}})
+    adapters = build_adapters(load_model(), config)
+
+    def dropouts(classifier) -> list[float]:
+        return [m.p for m in classifier.layers if isinstance(m, torch.nn.Dropout)]
+
+    assert dropouts(adapters.xlora.classifier) == ([dropout] * 2 if dropout else [])
+    saved = adapters.save(tmp_path / "adapter")
+    assert json.loads((saved / "adapter_config.json").read_text())["xlora_dropout_p"] == dropout
+    reloaded = load_adapter(load_model(), saved)  # the layer indices (layers.0, layers.3 ...) depend on it too
+    assert dropouts(reloaded.xlora.classifier) == dropouts(adapters.xlora.classifier)
+    assert reloaded.settings["classifier_dropout"] == dropout
+
+
+def test_a_saved_folder_with_a_bad_classifier_dropout_is_refused(tmp_path):
+    adapters = attach_xlora(load_model(), experts=_experts(tmp_path))
+    saved = adapters.save(tmp_path / "adapter")
+    config = json.loads((saved / "adapter_config.json").read_text())
+    (saved / "adapter_config.json").write_text(json.dumps({**config, "xlora_dropout_p": 1.0}))
+    with pytest.raises(AdapterError, match="xlora_dropout_p"):
+        load_adapter(load_model(), saved)
+
+
+@pytest.mark.parametrize("field, value", [("xlora_depth", 0), ("xlora_size", 0), ("xlora_dropout", 1.0),
+                                          ("xlora_dropout", -0.1)])
+def test_config_rejects_a_bad_classifier_setting(field, value):
     from lycotrain.engine.config import Config
     from lycotrain.errors import ConfigError
 

@@ -135,6 +135,9 @@ class NetworkConfig:
     xlora_depth: int = _f(1, lo=1, hi=16, task="text",
                           help="X-LoRA classifier layers; 1 is one Linear, more add hidden layers of xlora_size")
     xlora_size: int = _f(2048, lo=1, hi=65536, task="text", help="X-LoRA classifier hidden width (xlora_depth > 1)")
+    xlora_dropout: float = _f(0.2, lo=0.0, hi=1.0, hi_open=True, task="text",
+                              help="X-LoRA classifier dropout after each hidden layer (xlora_depth > 1); PEFT's "
+                                   "xlora_dropout_p")
 
 
 @dataclass

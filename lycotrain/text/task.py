@@ -41,7 +41,8 @@ def build_adapters(model: Any, config: Config) -> TextAdapterSet:
         return attach_llama_adapter(model, adapter_len=n.adapter_len, adapter_layers=n.adapter_layers)
     if n.method == "xlora":
         return attach_xlora(model, experts=n.experts, layerwise=n.xlora_layerwise, temperature=n.xlora_temperature,
-                            top_k=n.xlora_top_k, depth=n.xlora_depth, size=n.xlora_size)
+                            top_k=n.xlora_top_k, depth=n.xlora_depth, size=n.xlora_size,
+                            classifier_dropout=n.xlora_dropout)
     raise ConfigError(f"network.method = {n.method!r} is not a text method")
 
 

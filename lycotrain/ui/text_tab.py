@@ -32,7 +32,8 @@ METHOD_PARAMS: dict[str, tuple[str, ...]] = {
     "adalora": ("init_r", "target_r", "tinit", "tfinal", "delta_t", "beta1", "beta2", "orth_reg_weight", "alpha",
                 "dropout", "target_modules"),
     "llama_adapter": ("adapter_len", "adapter_layers"),
-    "xlora": ("experts", "xlora_temperature", "xlora_top_k", "xlora_layerwise", "xlora_depth", "xlora_size"),
+    "xlora": ("experts", "xlora_temperature", "xlora_top_k", "xlora_layerwise", "xlora_depth", "xlora_size",
+              "xlora_dropout"),
 }
 ALL_METHOD_PARAMS = method_param_names(METHOD_PARAMS)
 TEXT_FIELDS = {

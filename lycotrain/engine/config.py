@@ -201,6 +201,8 @@ class SaveConfig:
                            help="write OFT as its exact LoRA (Forge does not load OFT; A1111 and ComfyUI do)")
     activation_text: str = _f("", task="image", help="A1111 sidecar activation text (trigger words)")
     preferred_weight: float = _f(1.0, lo=0.0, hi=10.0, task="image", help="A1111 sidecar preferred weight")
+    tensorboard: bool = _f(False, help="also write TensorBoard logs (loss, learning rates, it/s, image previews) to "
+                                       "RUN_DIR/tensorboard; needs `pip install tensorboard`")
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "dataset": DatasetConfig, "network": NetworkConfig,

@@ -7,7 +7,7 @@ Every event has ``type`` and ``time`` (unix seconds). Types and their fields:
 
 * ``start``      run_dir, task ("image" | "text"), method, total_steps, config (dict)
 * ``preflight``  report (dict: the dataset report, see diffusion/dataset.py or text/dataset.py)
-* ``step``       step, total_steps, epoch, loss, lr, it_s, eta_s
+* ``step``       step, total_steps, epoch, loss, lr, lrs (every parameter group's lr, in order), it_s, eta_s
 * ``preview``    step, images (list of paths relative to run_dir) or texts (list of {prompt, output})
 * ``checkpoint`` step, path (relative to run_dir)
 * ``ranks``      step, budget, ranks (dict module -> kept rank): AdaLoRA's rank pattern once it is fixed

@@ -42,6 +42,7 @@ from lycotrain.engine.config import Config
 from lycotrain.engine.events import EventWriter
 from lycotrain.engine.optim import build_optimizer, build_scheduler, fast_forward
 from lycotrain.engine.task import Task, make_task
+from lycotrain.engine.tensorboard import TensorBoardSink, require_tensorboard
 from lycotrain.errors import ConfigError, LycotrainError
 
 STOP_FILE = "STOP"
@@ -101,6 +102,7 @@ class Trainer:
 
         config, task = self.config, self.task
         state = self._find_resume_state(resume, add_steps)
+        self._attach_tensorboard(state["position"].step if state is not None else None)
         if state is not None and add_steps:
             config.training.max_steps = state["position"].total_steps + add_steps
 
@@ -196,7 +198,7 @@ class Trainer:
         step, total = self.position.step, self.plan.total_steps
         it_s = (len(self._step_times) - 1) / (now - self._step_times[0]) if len(self._step_times) > 1 else 0.0
         self.events.emit("step", step=step, total_steps=total, epoch=self.position.epoch, loss=self.last_loss,
-                         lr=self.scheduler.get_last_lr()[0], it_s=round(it_s, 4),
+                         lr=self.scheduler.get_last_lr()[0], lrs=self.scheduler.get_last_lr(), it_s=round(it_s, 4),
                          eta_s=round((total - step) / it_s, 1) if it_s else None)
         save, sample = self.config.save, self.config.sample
         if save.every_n_steps and step % save.every_n_steps == 0:
@@ -242,6 +244,20 @@ class Trainer:
             self.events.emit("warning", message=f"training.warmup_steps ({training.warmup_steps}) covers the whole "
                              f"run of {self.plan.total_steps} steps, so the learning rate never reaches training.lr; "
                              "lower training.warmup_steps or train longer")
+
+    def _attach_tensorboard(self, resumed_step: int | None) -> None:
+        """``save.tensorboard``: every event also goes to a TensorBoard sink (main process). A missing package
+        stops the run here, before the model loads, on every process alike. Points an earlier attempt logged
+        past the checkpoint resumed from (everything, when starting over) are purged."""
+        if not self.config.save.tensorboard:
+            return
+        require_tensorboard()
+        if not self.accelerator.is_main_process:
+            return
+        purge_step = resumed_step + 1 if resumed_step is not None else 0
+        sink = TensorBoardSink(self.run_dir, purge_step, lambda message: self.events.emit("warning", message=message))
+        previous = self.events.listener
+        self.events.listener = sink if previous is None else lambda event: (previous(event), sink(event))
 
     # ---- processes -----------------------------------------------------------------------------------------
     def _same_start_on_every_process(self) -> None:

@@ -6,7 +6,10 @@ state: queued, running, finished, stopped, failed or cancelled; its pid) and, on
 app's memory: a page reload, a second browser or a restarted app finds every run again by reading the folder.
 
 Runs start one after another (a queue): :meth:`JobManager.tick` reaps finished children and starts the oldest
-queued job when none is running. The app calls it from a background thread; tests call it directly.
+queued job when none is running. The app calls it from a background thread; tests call it directly. Two app
+processes may share one runs folder: every read-modify-write of a ``job.json`` and "pick the next queued job and
+start it" happen under an exclusive lock on ``<runs root>/.jobs.lock``, so a job never starts twice and no state
+change (a cancel, a stop request, a reaped result) is overwritten by another process.
 
 Stop is graceful: the manager writes ``RUN_DIR/STOP`` and sends SIGTERM to the child; the engine saves a
 checkpoint and ends with an ``end`` event (status "stopped"). A child that is still alive ``stop_grace_s`` after
@@ -17,6 +20,7 @@ group), so a Ctrl+C in the app's terminal does not kill them and a restarted app
 
 from __future__ import annotations
 
+import fcntl  # POSIX only (Linux, macOS): the registry lock is an flock; the app does not run on Windows
 import json
 import os
 import signal
@@ -24,9 +28,10 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from lycotrain.atomic import atomic_write_text
 from lycotrain.engine.events import read_events
@@ -36,6 +41,7 @@ JOB_FILE = "job.json"
 CONFIG_FILE = "config.toml"
 LOG_FILE = "job.log"
 STOP_FILE = "STOP"
+LOCK_FILE = ".jobs.lock"  # in the runs root; never a run (it has no job.json)
 LIVE_STATES = ("queued", "running")
 
 CommandFactory = Callable[[Path], list[str]]
@@ -222,15 +228,35 @@ class JobManager:
     def _save(self, record: JobRecord) -> None:
         atomic_write_text(Path(record.run_dir) / JOB_FILE, json.dumps(asdict(record), indent=1))
 
+    @contextmanager
+    def _registry_lock(self) -> Iterator[None]:
+        """Hold the registry against this process's other threads (the RLock) and against other app processes on
+        the same runs root (an exclusive flock), for a read-modify-write of job records.
+
+        Not reentrant: a nested call would wait for its own flock (held on another descriptor). The descriptor is
+        not inherited by the training children (Python opens files non-inheritable and Popen closes the others),
+        so a running job never holds the lock; closing it releases the lock, also when the app dies."""
+        with self._lock, open(self.runs_root / LOCK_FILE, "ab") as lock_file:
+            fcntl.flock(lock_file, fcntl.LOCK_EX)
+            yield
+
     # ---- scheduling -----------------------------------------------------------------------------------
     def tick(self) -> None:
         """Reap ended children, then start the oldest queued job if nothing runs."""
-        with self._lock:
+        with self._registry_lock():
             records = self.list()
+            self._forget_children_reaped_elsewhere(records)
             running = [r for r in records if r.state == "running" and not (self._kill_if_overdue(r) or self._reap(r))]
             queued = sorted((r for r in records if r.state == "queued"), key=lambda r: r.created)
             if not running and queued:
                 self._start(queued[0])
+
+    def _forget_children_reaped_elsewhere(self, records: list[JobRecord]) -> None:
+        """Wait for our children whose jobs another app process already recorded as ended (no zombies left)."""
+        running = {r.id for r in records if r.state == "running"}
+        for job_id in [j for j in self._children if j not in running]:
+            if self._children[job_id].poll() is not None:
+                del self._children[job_id]
 
     def _start(self, record: JobRecord) -> None:
         run_dir = Path(record.run_dir)
@@ -298,7 +324,7 @@ class JobManager:
 
     def stop(self, job_id: str) -> JobRecord | None:
         """Cancel a queued job, or ask a running one to stop (it saves a checkpoint first)."""
-        with self._lock:
+        with self._registry_lock():
             record = self.get(job_id)
             if record is None or not record.live:
                 return record

@@ -14,7 +14,7 @@ from torch import nn
 
 from lycotrain.adapters.adalora import AdaLoRAAdapter
 from lycotrain.adapters.lora import LoRAAdapter
-from lycotrain.errors import AdapterError
+from lycotrain.errors import AdapterError, FormatError
 from lycotrain.text.adapter_set import attach_lora, load_adapter
 
 P = 0.3
@@ -52,6 +52,10 @@ def test_loaded_folder_keeps_its_lora_dropout(tmp_path):
     reloaded = load_adapter(load_model(), folder)
     assert reloaded.settings["dropout"] == P
     assert all((m.dropout, m.dropout_on) == (P, "input") for m in reloaded.modules.values())
+    config = json.loads((folder / "adapter_config.json").read_text())
+    (folder / "adapter_config.json").write_text(json.dumps({**config, "lora_dropout": 1.5}))
+    with pytest.raises(FormatError, match="lora_dropout"):
+        load_adapter(load_model(), folder)
 
 
 def test_adalora_drops_the_input_like_peft():

@@ -98,3 +98,19 @@ def test_the_preflight_check_leaves_no_config_behind(tmp_path: Path, monkeypatch
         assert "10 images" in tab.lint(data)[tab.report]
     assert len(seen) == 2 and not any(p.exists() or p.parent.exists() for p in seen)
     assert not (tmp_path / "runs" / "_lint").exists()
+
+
+@pytest.mark.parametrize("tab_name", ["image", "text"])
+def test_both_tabs_offer_tensorboard_logging(tmp_path: Path, tab_name: str) -> None:
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui.image_tab import ImageTab
+    from lycotrain.ui.text_tab import TextTab
+
+    with gr.Blocks():
+        tab = (ImageTab if tab_name == "image" else TextTab)(JobManager(tmp_path))
+    box = tab.form["save.tensorboard"]
+    assert isinstance(box, gr.Checkbox) and box.value is False
+    data = {component: component.value for component in tab.form.values()}
+    data[tab.form["model.path"]], data[box] = "builtin:tiny-llama" if tab_name == "text" else "builtin:tiny-sd1", True
+    data[tab.form["dataset.path"]] = str(tmp_path)
+    assert tab.config(data).save.tensorboard is True

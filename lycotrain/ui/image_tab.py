@@ -45,7 +45,7 @@ IMAGE_FIELDS = {
                  "scheduler", "warmup_steps", "mixed_precision", "gradient_checkpointing", "noise_offset",
                  "min_snr_gamma", "loss"),
     "sample": ("every_n_steps", "at_start", "at_end", "sampler"),
-    "save": ("every_n_steps", "keep_last", "dtype", "output_name", "activation_text"),
+    "save": ("every_n_steps", "keep_last", "dtype", "output_name", "activation_text", "tensorboard"),
 }
 
 

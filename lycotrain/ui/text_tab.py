@@ -41,7 +41,7 @@ TEXT_FIELDS = {
     "training": ("max_steps", "epochs", "batch_size", "grad_accum", "lr", "optimizer", "scheduler", "warmup_steps",
                  "mixed_precision"),
     "sample": ("every_n_steps", "at_end", "max_new_tokens"),
-    "save": ("every_n_steps", "keep_last", "output_name"),
+    "save": ("every_n_steps", "keep_last", "output_name", "tensorboard"),
 }
 
 

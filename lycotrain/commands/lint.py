@@ -1,4 +1,5 @@
-"""``lycotrain lint DATASET``: the pre-flight report of an image dataset, readable or as JSON.
+"""``lycotrain lint DATASET``: the pre-flight report of an image dataset, readable or as JSON; with a model
+(``--model`` or the config's ``model.path``) also the estimate of the GPU memory the training settings need.
 
 The dataset and training settings come from the config schema's defaults, a config file (``--config``), the
 shorthand options below and ``--set section.key=value``, in that order. Exit status: 0 when no problem is
@@ -15,6 +16,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("dataset", help="image folder (N_name sub-folders repeat N times) or dataset TOML")
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
     parser.add_argument("--config", help="a training config whose [dataset] and [training] settings apply")
+    parser.add_argument("--model", help="model.path, for the memory estimate (read from its config files only)")
     parser.add_argument("--resolution", type=int, help="dataset.resolution")
     parser.add_argument("--min-bucket", type=int, help="dataset.min_bucket_resolution")
     parser.add_argument("--max-bucket", type=int, help="dataset.max_bucket_resolution")
@@ -41,6 +43,8 @@ def overrides_from_args(args: argparse.Namespace) -> list[str]:
                   if getattr(args, name) is not None]
     if args.no_upscale:
         overrides.append("dataset.no_upscale=true")
+    if args.model is not None:
+        overrides.append(f"model.path={json.dumps(args.model)}")
     if args.caption_extension is not None:
         overrides.append(f"dataset.caption_extension={json.dumps(args.caption_extension)}")
     return overrides + list(args.set)

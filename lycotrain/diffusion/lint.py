@@ -1,4 +1,5 @@
-"""The pre-flight report: what the dataset holds, what is wrong with it, and the exact step arithmetic.
+"""The pre-flight report: what the dataset holds, what is wrong with it, the exact step arithmetic, and an
+estimate of the GPU memory the run needs (``memory.py``).
 
 Shown by ``lycotrain lint``, emitted as the ``preflight`` event at the start of every image run, and shown by
 the GUI before Start. It is data (``LintReport.to_dict()``, JSON-ready) plus a readable ``format()``.
@@ -11,11 +12,14 @@ from __future__ import annotations
 import math
 from collections import Counter, defaultdict
 from dataclasses import asdict, dataclass, field
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
+
+import torch
 
 from lycotrain.diffusion.buckets import Size, bucket_grid, fits_grid
 from lycotrain.diffusion.captions import with_trigger
 from lycotrain.diffusion.dataset import ImageDataset, ImageRecord
+from lycotrain.diffusion.memory import MemoryEstimate, ModelSpec
 
 if TYPE_CHECKING:
     from lycotrain.engine.config import Config
@@ -74,6 +78,8 @@ class LintReport:
     starved_buckets: list[dict[str, Any]]  # bucket, images, batch_size
     duplicates: list[list[str]]  # groups of images with identical pixels
     notes: list[str]  # how the folder was read (unused folders, a repeat folder given directly)
+    memory: MemoryEstimate | None = None  # added by add_memory_estimate
+    memory_unavailable: str = ""  # why there is no memory estimate
 
     @property
     def problem_count(self) -> int:
@@ -82,7 +88,8 @@ class LintReport:
                                             self.duplicates))
 
     def to_dict(self) -> dict[str, Any]:
-        return {**asdict(self), "problem_count": self.problem_count}
+        memory = None if self.memory is None else self.memory.to_dict()
+        return {**asdict(self), "memory": memory, "problem_count": self.problem_count}
 
     def format(self) -> str:
         return "\n".join(_format_lines(self))
@@ -113,14 +120,53 @@ def lint_dataset(dataset: ImageDataset, *, batch_size: int = 1, grad_accum: int 
 
 
 def lint_config(config: "Config") -> tuple[ImageDataset, LintReport]:
-    """Scan ``config.dataset`` and report with ``config.training``'s batch size, accumulation and length."""
+    """Scan ``config.dataset`` and report with ``config.training``'s batch size, accumulation and length; with
+    ``config.model.path`` also the memory estimate, for a CUDA GPU (the visible one's size when there is one)."""
     from lycotrain.diffusion.cache import default_cache_dir
+    from lycotrain.diffusion.memory import DTYPES, spec_from_path
 
     dataset = ImageDataset.from_config(config.dataset, seed=config.seed, scan_cache=default_cache_dir() / "scan")
     t = config.training
     report = lint_dataset(dataset, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                           max_steps=t.max_steps)
+    if config.model.path:
+        add_memory_estimate(report, config, lambda: spec_from_path(config.model.path, config.model.family),
+                            weight_dtype=DTYPES[t.mixed_precision])
+    else:
+        report.memory_unavailable = "no model.path given (lint --model PATH, or a --config that names the model)"
     return dataset, report
+
+
+def add_memory_estimate(report: LintReport, config: "Config", spec: Callable[[], ModelSpec], *,
+                        weight_dtype: torch.dtype, device: torch.device | None = None) -> None:
+    """Put the memory estimate for the report's largest batch (see ``largest_batch``) into ``report``.
+
+    ``device`` is the training device (the task knows it); None means a CUDA GPU, as lint assumes. The estimate
+    is advice: whatever stops it (a model the meta device cannot run, a file whose architecture cannot be read)
+    is recorded in ``memory_unavailable`` and never stops a run or a lint.
+    """
+    from lycotrain.diffusion.memory import estimate_memory, visible_gpu
+
+    width, height, batch_size = largest_batch(report)
+    device_type = "cuda" if device is None else device.type
+    try:
+        estimate = estimate_memory(spec(), config, batch_size=batch_size, width=width, height=height,
+                                   weight_dtype=weight_dtype, device_type=device_type)
+        estimate.gpu = visible_gpu(device)
+    except Exception as exc:  # noqa: BLE001 - see the docstring: an estimate must never cost the user a run
+        report.memory_unavailable = f"{type(exc).__name__}: {exc}"
+        return
+    report.memory = estimate
+
+
+def largest_batch(report: LintReport) -> tuple[int, int, int]:
+    """(width, height, images) of the batch with the most pixels: a bucket's batches hold at most its samples."""
+    batch_size = report.steps.batch_size
+    if not report.buckets:
+        return report.resolution, report.resolution, batch_size
+    pixels = lambda b: min(batch_size, b.samples) * b.width * b.height  # noqa: E731
+    bucket = max(report.buckets, key=pixels)
+    return bucket.width, bucket.height, min(batch_size, bucket.samples)
 
 
 def plan_steps(buckets: list[BucketStats], *, batch_size: int, grad_accum: int, epochs: int, max_steps: int,
@@ -223,6 +269,10 @@ def _format_lines(report: LintReport) -> list[str]:
     lines += [f"  {b.width}x{b.height}: {b.images} images, {b.samples} samples, {b.batches} batches"
               for b in report.buckets]
     lines += ["", "Steps:"] + [f"  {line}" for line in report.steps.arithmetic]
+    if report.memory is not None:
+        lines += [""] + report.memory.format_lines()
+    elif report.memory_unavailable:
+        lines += ["", f"Memory estimate: not available ({report.memory_unavailable})"]
     sections = [
         ("Missing captions", [_trained_as(x) for x in report.missing_captions]),
         ("Empty captions", [_trained_as(x) for x in report.empty_captions]),

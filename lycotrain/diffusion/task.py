@@ -47,7 +47,8 @@ class DiffusionTask:
     # ---- setup ------------------------------------------------------------------------------------------
     def setup(self, config: Config, accelerator: Any, events: Any) -> None:
         from lycotrain.diffusion.dataset import ImageDataset
-        from lycotrain.diffusion.lint import lint_dataset
+        from lycotrain.diffusion.lint import add_memory_estimate, lint_dataset
+        from lycotrain.diffusion.memory import spec_from_pipeline
         from lycotrain.diffusion.models import load_pipeline
 
         self.config, self.accelerator, self.events = config, accelerator, events
@@ -61,7 +62,11 @@ class DiffusionTask:
         t = config.training
         report = lint_dataset(self.dataset, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                               max_steps=t.max_steps, num_processes=accelerator.num_processes)
+        add_memory_estimate(report, config, lambda: spec_from_pipeline(self.model),
+                            weight_dtype=self.pipeline.unet.dtype, device=self.device)
         events.emit("preflight", report=report.to_dict())
+        if report.memory is not None and (too_big := report.memory.fit_warning()):
+            events.emit("warning", message=too_big)
         self._build_caches()
 
     def _prepare_models(self) -> None:

@@ -22,8 +22,9 @@ decomposition, which keeps the L x L attention matrix; GPUs (and CPUs) run fused
 v, the output and the log-sum-exp, so the mode routes attention to the fused CPU kernel's meta version, which
 saves exactly those.
 
-Left out, and said so in the report: transient peaks outside the training step (the VAE encoder when latents
-are not cached, the VAE decoder and the CFG batch of previews), and the caching allocator's fragmentation.
+Left out, and said so in the report: transient tensors (the activation gradients backward holds for a moment,
+the VAE encoder when latents are not cached, the VAE decoder and the CFG batch of previews), and the caching
+allocator's fragmentation. Distributed runs: the estimate is per process (each process holds all of it).
 """
 
 from __future__ import annotations
@@ -66,7 +67,7 @@ AUTOCAST_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
     "cpu": (_LOW_PRECISION, _LOSSES),
 }
 
-# optimizer -> (bytes of state per trainable element, what it is), see optimizer_state_bytes
+# bitsandbytes' 8-bit AdamW layout (optimizer_state_bytes)
 _ADAM8BIT_MIN_SIZE = 4096  # bitsandbytes keeps fp32 state for tensors smaller than this (min_8bit_size)
 _ADAM8BIT_BLOCK = 256  # one fp32 absmax per block of 256 values, per state
 
@@ -191,8 +192,9 @@ def spec_from_path(path: str, family: str = "auto") -> ModelSpec:
     if not folder.exists():
         raise ModelError(f"model.path {path} does not exist")
     if folder.is_dir():
-        configs = {name: _read_json(folder / name / "config.json")
-                   for name in ("unet", "vae", "text_encoder", "text_encoder_2") if (folder / name).is_dir()}
+        configs = {name: _read_json(folder / name / "config.json") for name in ("unet", "vae")}
+        configs.update({name: _read_json(folder / name / "config.json")
+                        for name in ("text_encoder", "text_encoder_2") if (folder / name).is_dir()})
     elif folder.suffix == ".safetensors":
         configs = _single_file_configs(folder, family)
     elif folder.suffix == ".ckpt" and family != "auto":
@@ -209,7 +211,8 @@ def spec_from_path(path: str, family: str = "auto") -> ModelSpec:
 
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ModelError(f"{path} is missing: {path.parent.parent} is not a complete diffusers model folder")
+        raise ModelError(f"{path} is missing: {path.parent.parent} is not a complete diffusers model folder "
+                         "(model.path)")
     return json.loads(path.read_text())
 
 
@@ -237,16 +240,20 @@ class SavedTensorMeter:
         self._excluded = {_storage_id(t) for t in exclude}
         self._seen: set[int] = set()
         self._alive: list[torch.UntypedStorage] = []  # ids stay unique while the storages live
-        self.outside_bytes = 0
+        self._outside = {"bytes": 0}
         self.largest_segment_bytes = 0
         self._stack = contextlib.ExitStack()
+
+    @property
+    def outside_bytes(self) -> int:
+        return self._outside["bytes"]
 
     @property
     def total(self) -> int:
         return self.outside_bytes + self.largest_segment_bytes
 
     def __enter__(self) -> "SavedTensorMeter":
-        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._packer(self._seen, "outside"),
+        self._stack.enter_context(torch.autograd.graph.saved_tensors_hooks(self._packer(self._seen, self._outside),
                                                                            _unpack))
         return self
 
@@ -260,17 +267,14 @@ class SavedTensorMeter:
             yield
         self.largest_segment_bytes = max(self.largest_segment_bytes, tally["bytes"])
 
-    def _packer(self, seen: set[int], tally: dict[str, int] | str) -> Callable[[torch.Tensor], torch.Tensor]:
+    def _packer(self, seen: set[int], tally: dict[str, int]) -> Callable[[torch.Tensor], torch.Tensor]:
         def pack(tensor: torch.Tensor) -> torch.Tensor:
             storage = tensor.untyped_storage()
-            key = storage._cdata
+            key = storage._cdata  # the storage's identity, the same for every view of it (also on meta)
             if key not in self._excluded and key not in seen:
                 seen.add(key)
                 self._alive.append(storage)
-                if tally == "outside":
-                    self.outside_bytes += storage.nbytes()
-                else:
-                    tally["bytes"] += storage.nbytes()  # type: ignore[index]
+                tally["bytes"] += storage.nbytes()
             return tensor
 
         return pack
@@ -492,7 +496,8 @@ def estimate_memory(spec: ModelSpec, config: "Config", *, batch_size: int, width
     ]
     if device_type == "cuda":
         items.append(MemoryItem("CUDA runtime", CUDA_RUNTIME_BYTES, "context and library workspaces, typical"))
-    not_included = ["previews (VAE decode, CFG batch)", "allocator fragmentation (keep 10-20% headroom)"]
+    not_included = ["backward's transient gradient tensors and previews (VAE decode, CFG batch)",
+                    "allocator fragmentation (keep 10-20% headroom)"]
     if not config.dataset.cache_latents:
         not_included.insert(0, "the VAE encoder's transient activations (dataset.cache_latents is off)")
     return MemoryEstimate(items=items, batch_size=batch_size, width=width, height=height, precision=dtype_name,

@@ -19,6 +19,7 @@ import torch
 from lycotrain.diffusion.buckets import Size, bucket_grid, fits_grid
 from lycotrain.diffusion.captions import with_trigger
 from lycotrain.diffusion.dataset import ImageDataset, ImageRecord
+from lycotrain.diffusion import memory as memory_estimate
 from lycotrain.diffusion.memory import MemoryEstimate, ModelSpec
 
 if TYPE_CHECKING:
@@ -123,15 +124,15 @@ def lint_config(config: "Config") -> tuple[ImageDataset, LintReport]:
     """Scan ``config.dataset`` and report with ``config.training``'s batch size, accumulation and length; with
     ``config.model.path`` also the memory estimate, for a CUDA GPU (the visible one's size when there is one)."""
     from lycotrain.diffusion.cache import default_cache_dir
-    from lycotrain.diffusion.memory import DTYPES, spec_from_path
 
     dataset = ImageDataset.from_config(config.dataset, seed=config.seed, scan_cache=default_cache_dir() / "scan")
     t = config.training
     report = lint_dataset(dataset, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                           max_steps=t.max_steps)
     if config.model.path:
-        add_memory_estimate(report, config, lambda: spec_from_path(config.model.path, config.model.family),
-                            weight_dtype=DTYPES[t.mixed_precision])
+        add_memory_estimate(report, config,
+                            lambda: memory_estimate.spec_from_path(config.model.path, config.model.family),
+                            weight_dtype=memory_estimate.DTYPES[t.mixed_precision])
     else:
         report.memory_unavailable = "no model.path given (lint --model PATH, or a --config that names the model)"
     return dataset, report
@@ -145,14 +146,12 @@ def add_memory_estimate(report: LintReport, config: "Config", spec: Callable[[],
     is advice: whatever stops it (a model the meta device cannot run, a file whose architecture cannot be read)
     is recorded in ``memory_unavailable`` and never stops a run or a lint.
     """
-    from lycotrain.diffusion.memory import estimate_memory, visible_gpu
-
     width, height, batch_size = largest_batch(report)
     device_type = "cuda" if device is None else device.type
     try:
-        estimate = estimate_memory(spec(), config, batch_size=batch_size, width=width, height=height,
-                                   weight_dtype=weight_dtype, device_type=device_type)
-        estimate.gpu = visible_gpu(device)
+        estimate = memory_estimate.estimate_memory(spec(), config, batch_size=batch_size, width=width,
+                                                   height=height, weight_dtype=weight_dtype, device_type=device_type)
+        estimate.gpu = memory_estimate.visible_gpu(device)
     except Exception as exc:  # noqa: BLE001 - see the docstring: an estimate must never cost the user a run
         report.memory_unavailable = f"{type(exc).__name__}: {exc}"
         return

@@ -173,18 +173,32 @@ def test_property_forward_equals_merged_and_lycoris(out_ch, in_ch, rank, kernel,
 
 
 @pytest.mark.parametrize("kind", LAYERS)
-def test_merged_path_also_differentiates_an_unfrozen_base(kind):
-    """The merged op replaces the base op, so it must pass gradients to W and the bias when they train."""
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_gradients_equal_autograd_of_the_merged_weight(kind, path, row_scale):
+    """Both paths write their backward out: every gradient (input, factors, and W and the bias when the base
+    trains too) equals autograd through W + delta W, also with a per-row scale (rank dropout's mask)."""
+    from lycotrain.adapters.loha import loha_delta, loha_factored_forward, loha_merged_forward
+    from lycotrain.adapters.functional_common import conv_args_of
+
     ad = make(kind)
     randomize(ad)
-    ad.forward_path = "merged"
     ad.base.requires_grad_(True)
     x = input_for(ad.base).requires_grad_()
+    scale = torch.rand(ad.out_features) + 0.5 if row_scale else 0.7
     params = [x, ad.base.weight, ad.base.bias, *ad.adapter_parameters()]
-    ours = torch.autograd.grad(ad(x).square().sum(), params)
-    reference = torch.autograd.grad(merged_reference(ad, x).square().sum(), params)
-    for got, expected in zip(ours, reference):
-        assert_rel_close(got, expected, rtol=1e-4)
+    if path == "merged":
+        out = loha_merged_forward(x, ad.base.weight, ad.base.bias, scale, conv_args_of(ad.base), *ad.factors())
+    else:
+        out = loha_factored_forward(x, ad.base, *ad.factors(), scale, ad.kernel_size)
+    reference = ad.base_op(x, ad.base.weight + loha_delta(*ad.factors(), scale, ad.base.weight.shape),
+                           ad.base.bias)
+    assert_rel_close(out, reference)
+    grad_out = torch.randn_like(out)
+    ours = torch.autograd.grad(out, params, grad_out)
+    expected = torch.autograd.grad(reference, params, grad_out)
+    for got, want in zip(ours, expected):
+        assert_rel_close(got, want, rtol=1e-5)
 
 
 @pytest.mark.parametrize("kind", LAYERS)

@@ -52,13 +52,31 @@ def loha_delta(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: tor
     return delta * per_row(scale, delta.dim())
 
 
+def face_splitting(u: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``K[(j, k), n] = u[j, n] * v[k, n]`` for u (r1, n), v (r2, n): the column-wise Kronecker product.
+
+    Built with the long axis n innermost, so the broadcast multiply runs over contiguous memory.
+    """
+    return (u[:, None, :] * v[None, :, :]).reshape(-1, u.shape[-1])
+
+
+def face_splitting_grads(grad: torch.Tensor, u: torch.Tensor, v: torch.Tensor
+                         ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients of :func:`face_splitting` w.r.t. u and v, given the gradient of K."""
+    grad = grad.view(u.shape[0], v.shape[0], -1)
+    return (grad * v[None]).sum(1), (grad * u[:, None]).sum(0)
+
+
 def khatri_rao_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor,
                        t1: torch.Tensor | None, t2: torch.Tensor | None
                        ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """``(P, core, Q)`` with ``W1 ⊙ W2 = P [core] Q``: P (out, r^2), Q (r^2, in[*kh*kw]), core (r^2, r^2, kh, kw)."""
-    a1, a2 = (w1a, w2a) if t1 is None else (w1a.T, w2a.T)  # Tucker stores w?_a as (r, out)
-    p = (a1[:, :, None] * a2[:, None, :]).flatten(1)
-    q = (w1b[:, None, :] * w2b[None, :, :]).flatten(0, 1)
+    """``(P, core, Q)`` with ``W1 ⊙ W2 = P [core] Q``: P (out, r^2), Q (r^2, in[*kh*kw]), core (r^2, r^2, kh, kw).
+
+    P is returned as the transpose of a contiguous (r^2, out) tensor.
+    """
+    a1, a2 = (w1a.T, w2a.T) if t1 is None else (w1a, w2a)  # Tucker stores w?_a as (r, out)
+    p = face_splitting(a1, a2).T
+    q = face_splitting(w1b, w2b)
     if t1 is None or t2 is None:
         return p, None, q
     r2 = p.shape[1]
@@ -66,24 +84,74 @@ def khatri_rao_factors(w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, 
     return p, core, q
 
 
-def loha_factored_forward(x: torch.Tensor, base_out: torch.Tensor, w1a: torch.Tensor, w1b: torch.Tensor,
-                          w2a: torch.Tensor, w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
-                          scale: Scale, conv: ConvArgs | None, kernel: tuple[int, int]) -> torch.Tensor:
-    """``base_out`` + delta W applied to ``x`` through the Khatri-Rao factors; never forms an out x in matrix.
+class _KhatriRaoLinear(torch.autograd.Function):
+    """``F.linear(x, W, b) + s * (x Qᵀ) Pᵀ`` as one autograd node whose backward is written out.
 
-    The scale is folded into P and the add into the last matmul (addmm / baddbmm): one pass fewer over the
-    output, which on a CPU costs about as much as the thin r^2 matmuls themselves.
+    The same function as autograd over the Khatri-Rao factors, but one node instead of about ten: on a CPU the
+    per-op cost of those small ops and their backward nodes is as large as the thin r^2 matmuls themselves.
+    Saves x, the rank-r^2 activation ``x Qᵀ`` and the factors.
     """
+
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
+                w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor, w2b: torch.Tensor) -> torch.Tensor:
+        tokens = x.reshape(-1, x.shape[-1])
+        out = F.linear(tokens, weight, bias)  # under autocast: the autocast dtype, which the rest follows
+        p, _, q = khatri_rao_factors(w1a, w1b, w2a, w2b, None, None)
+        row_scale = scale if isinstance(scale, torch.Tensor) else None
+        alpha = 1.0 if row_scale is not None else float(scale)
+        if row_scale is not None:
+            p = p * row_scale[:, None]
+        tokens, p, q = tokens.to(out.dtype), p.to(out.dtype), q.to(out.dtype)
+        hidden = torch.mm(tokens, q.T)
+        out.addmm_(hidden, p.T, alpha=alpha)
+        ctx.save_for_backward(tokens, weight, hidden, p, q, w1a, w1b, w2a, w2b, row_scale)
+        ctx.alpha, ctx.x_shape, ctx.x_dtype = alpha, x.shape, x.dtype
+        return out.reshape(*x.shape[:-1], out.shape[-1])
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        tokens, weight, hidden, p, q, w1a, w1b, w2a, w2b, row_scale = ctx.saved_tensors
+        alpha = ctx.alpha
+        grad = grad_out.reshape(-1, p.shape[0]).to(p.dtype)
+        grad_hidden = torch.mm(grad, p)
+        grad_x = grad_weight = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = torch.mm(grad, weight.to(grad.dtype)).addmm_(grad_hidden, q, alpha=alpha)
+            grad_x = grad_x.reshape(ctx.x_shape).to(ctx.x_dtype)
+        if ctx.needs_input_grad[1]:
+            grad_weight = torch.mm(grad.T, tokens).to(weight.dtype)
+        if ctx.needs_input_grad[2]:
+            grad_bias = grad.sum(0).to(weight.dtype)
+        # P's gradient as (r^2, out), the layout P was built in (see khatri_rao_factors)
+        grad_p_t = torch.mm(hidden.T, grad).float().mul_(alpha)
+        if row_scale is not None:
+            grad_p_t.mul_(row_scale)
+        grad_q = torch.mm(grad_hidden.T, tokens).float().mul_(alpha)
+        grad_w1a, grad_w2a = (g.T for g in face_splitting_grads(grad_p_t, w1a.T, w2a.T))
+        grad_w1b, grad_w2b = face_splitting_grads(grad_q, w1b, w2b)
+        return grad_x, grad_weight, grad_bias, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b
+
+
+def loha_factored_forward(x: torch.Tensor, base: BaseLayer, w1a: torch.Tensor, w1b: torch.Tensor,
+                          w2a: torch.Tensor, w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None,
+                          scale: Scale, kernel: tuple[int, int]) -> torch.Tensor:
+    """Base output + delta W applied to ``x`` through the Khatri-Rao factors; never forms an out x in matrix.
+
+    For a convolution, the scale is folded into P and the add into the last matmul (baddbmm): one pass fewer
+    over the output, which on a CPU costs about as much as the thin r^2 matmuls themselves.
+    """
+    conv = conv_args_of(base)
+    if conv is None:
+        return _KhatriRaoLinear.apply(x, base.weight, base.bias, scale, w1a, w1b, w2a, w2b)
     p, core, q = khatri_rao_factors(w1a, w1b, w2a, w2b, t1, t2)
     p = p * per_row(scale, 2)
     r2 = p.shape[1]
-    if conv is None:
-        h = F.linear(x, q).reshape(-1, r2)
-        return torch.addmm(base_out.reshape(-1, p.shape[0]), h, p.T).reshape(base_out.shape)
     if core is None:
         h = apply_weight(x, q.reshape(r2, -1, *kernel), None, conv)
     else:
         h = apply_weight(F.conv2d(x, q[:, :, None, None]), core, None, conv)
+    base_out = base(x)
     n = x.shape[0]
     out = torch.baddbmm(base_out.reshape(n, p.shape[0], -1), p.expand(n, -1, -1), h.reshape(n, r2, -1))
     return out.reshape(base_out.shape)
@@ -109,49 +177,59 @@ def _merge(weight: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, scale: Scal
     return torch.addcmul(weight.float(), w1, w2, value=scale)
 
 
+def hada_factor_grads(grad: torch.Tensor, a: torch.Tensor, b: torch.Tensor, t: torch.Tensor | None
+                      ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Gradients of :func:`hada_factor` w.r.t. ``(a, b, t)`` given the gradient of the factor (fp32)."""
+    if t is None:
+        grad = grad.reshape(a.shape[0], -1)
+        return grad @ b.T, a.T @ grad, None
+    return (torch.einsum("pqyx,ijyx,jq->ip", grad, t, b), torch.einsum("pqyx,ijyx,ip->jq", grad, t, a),
+            torch.einsum("pqyx,jq,ip->ijyx", grad, b, a))
+
+
 class _MergedLoHa(torch.autograd.Function):
     """``apply_weight(x, W + delta W)`` saving only x and the factors; backward rebuilds W1 and W2.
 
-    The Hadamard product's backward is written out (dW1 = s G ⊙ W2, dW2 = s G ⊙ W1 with G the weight
-    gradient), so autograd only differentiates the two small factor products: fewer passes over
-    out x in tensors, which is what this path costs on top of the base layer.
+    The backward is written out (dW1 = s G ⊙ W2, dW2 = s G ⊙ W1 with G the weight gradient, then the factor
+    products' own gradients), which costs the weight-gradient GEMM plus a few passes over out x in tensors.
     """
 
     @staticmethod
     def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
                 conv: ConvArgs | None, w1a: torch.Tensor, w1b: torch.Tensor, w2a: torch.Tensor,
                 w2b: torch.Tensor, t1: torch.Tensor | None, t2: torch.Tensor | None) -> torch.Tensor:
-        with torch.no_grad():
-            w1 = hada_factor(w1a, w1b, t1, weight.shape)
-            merged = _merge(weight, w1, hada_factor(w2a, w2b, t2, weight.shape), scale).to(x.dtype)
+        w1 = hada_factor(w1a, w1b, t1, weight.shape)
+        merged = _merge(weight, w1, hada_factor(w2a, w2b, t2, weight.shape), scale).to(x.dtype)
         ctx.save_for_backward(x, weight, w1a, w1b, w2a, w2b, t1, t2)
         ctx.scale, ctx.conv = scale, conv
         return apply_weight(x, merged, bias, conv)
 
     @staticmethod
     def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
-        x, weight, *saved = ctx.saved_tensors
-        factors = [None if f is None else f.detach().requires_grad_() for f in saved]
-        w1a, w1b, w2a, w2b, t1, t2 = factors
-        with torch.enable_grad():
-            w1 = hada_factor(w1a, w1b, t1, weight.shape)
-            w2 = hada_factor(w2a, w2b, t2, weight.shape)
+        x, weight, w1a, w1b, w2a, w2b, t1, t2 = ctx.saved_tensors
+        scale = ctx.scale
+        w1 = hada_factor(w1a, w1b, t1, weight.shape)
+        w2 = hada_factor(w2a, w2b, t2, weight.shape)
         # under autocast grad_out has the autocast dtype, not x's: compute in grad_out's, return in the inputs'
         dtype = grad_out.dtype
-        merged = _merge(weight, w1.detach(), w2.detach(), ctx.scale).to(dtype)
+        merged = _merge(weight, w1, w2, scale).to(dtype)
         grad_x, grad_w = _weight_and_input_grads(grad_out, x.to(dtype), merged, ctx.conv, ctx.needs_input_grad[0])
         grad_x = None if grad_x is None else grad_x.to(x.dtype)
-        grad_delta = grad_w.float() * per_row(ctx.scale, grad_w.dim())
-        trainable = [f for f in factors if f is not None]
-        factor_grads = iter(torch.autograd.grad([w1, w2], trainable,
-                                                [grad_delta * w2.detach(), grad_delta * w1.detach()]))
+        grad_delta = grad_w.float()
+        if isinstance(scale, torch.Tensor):
+            grad_delta = grad_delta * per_row(scale, grad_delta.dim())
+            scale = 1.0
+        # in place: W1 and W2 are not needed once they have become G ⊙ W1 (= dW2 / s) and G ⊙ W2 (= dW1 / s)
+        grads_1 = hada_factor_grads(w2.mul_(grad_delta), w1a, w1b, t1)
+        grads_2 = hada_factor_grads(w1.mul_(grad_delta), w2a, w2b, t2)
+        grad_w1a, grad_w1b, grad_t1, grad_w2a, grad_w2b, grad_t2 = (
+            None if g is None else g.mul_(scale) for g in (*grads_1, *grads_2))
         grad_bias = None
         if ctx.needs_input_grad[2]:
             grad_bias = grad_out.sum((0, 2, 3)) if ctx.conv else grad_out.reshape(-1, grad_out.shape[-1]).sum(0)
             grad_bias = grad_bias.to(weight.dtype)
         grad_weight = grad_w.to(weight.dtype) if ctx.needs_input_grad[1] else None
-        return (grad_x, grad_weight, grad_bias, None, None,
-                *[None if f is None else next(factor_grads) for f in factors])
+        return (grad_x, grad_weight, grad_bias, None, None, grad_w1a, grad_w1b, grad_w2a, grad_w2b, grad_t1, grad_t2)
 
 
 def loha_merged_forward(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, scale: Scale,
@@ -247,7 +325,7 @@ class LoHaAdapter(Adapter):
         conv = conv_args_of(self.base)
         if self._merged_is_cheaper(x):
             return loha_merged_forward(x, self.base.weight, self.base.bias, scale, conv, *self.factors())
-        return loha_factored_forward(x, self.base(x), *self.factors(), scale, conv, self.kernel_size)
+        return loha_factored_forward(x, self.base, *self.factors(), scale, self.kernel_size)
 
     def hyperparameters(self) -> dict[str, Any]:
         return {"rank": self.rank, "alpha": self.alpha_value, "use_tucker": self.use_tucker}

@@ -112,3 +112,21 @@ def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tmp_path: 
     assert [args[0] for args in calls] == ["inspect", "check", "merge", "extract"]
     for args in calls[1:]:
         assert args[args.index("--family") + 1] == "sd2-v"
+
+
+def test_tools_tab_merges_at_multiplier_zero(tmp_path: Path, monkeypatch) -> None:
+    """0 is a multiplier like any other (the form once replaced it with the default 1.0)."""
+    from lycotrain.ui import tools_tab
+    from lycotrain.ui.runner import CliResult
+
+    calls: list[list[str]] = []
+    monkeypatch.setattr(tools_tab, "run_cli", lambda args, timeout_s=0: calls.append(args) or
+                        CliResult(args, 0, "ok", ""))
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    with gr.Blocks():
+        tab = tools_tab.ToolsTab(JobManager(tmp_path / "runs"))
+    data = {tab.upload: None, tab.path: str(adapter), tab.model: "builtin:tiny-sd1", tab.family: "auto"}
+    tab.merge({**data, tab.merge_multiplier: 0.0})
+    tab.merge({**data, tab.merge_multiplier: None})  # an emptied field: the default
+    assert [args[args.index("--multiplier") + 1] for args in calls] == ["0.0", "1.0"]

@@ -28,6 +28,11 @@ def chosen_file(upload: str | None, typed: str, what: str) -> str:
     return typed.strip()
 
 
+def number(value: float | None, default: float) -> float:
+    """A Number field's value; only an empty field means ``default`` (``value or default`` turned 0 into it)."""
+    return default if value is None else value
+
+
 def report_text(results: list[CliResult]) -> str:
     """Each command and what it printed (stderr holds library chatter; a failure shows its own message)."""
     return "\n\n".join(f"$ {r.command_line}\n{r.stdout.strip()}" for r in results)
@@ -115,16 +120,16 @@ class ToolsTab:
         source, model = self._source(data), self._model(data, "merging")
         folder, out = self._out(source, "merged")
         return self._finish([run_cli(["merge", source, *self._model_args(data, model), "--out", str(out),
-                                      "--multiplier", str(data[self.merge_multiplier] or 1.0)])], folder)
+                                      "--multiplier", str(number(data[self.merge_multiplier], 1.0))])], folder)
 
     def extract(self, data: dict[Any, Any]) -> dict:
         source, model = self._source(data), self._model(data, "converting to LoRA")
         folder, out = self._out(source, "lora")
         return self._finish([run_cli(["extract", source, *self._model_args(data, model), "--rank",
-                                      str(int(data[self.extract_rank] or 16)), "--out", str(out)])], folder)
+                                      str(int(number(data[self.extract_rank], 16))), "--out", str(out)])], folder)
 
     def resize(self, data: dict[Any, Any]) -> dict:
         source = self._source(data)
         folder, out = self._out(source, "resized")
-        return self._finish([run_cli(["resize", source, "--rank", str(int(data[self.resize_rank] or 8)),
+        return self._finish([run_cli(["resize", source, "--rank", str(int(number(data[self.resize_rank], 8))),
                                       "--out", str(out)])], folder)

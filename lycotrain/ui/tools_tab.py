@@ -4,8 +4,9 @@ child process; the page shows the command, its output and the files it wrote."""
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import gradio as gr
 
@@ -73,12 +74,17 @@ class ToolsTab:
         self.wire()
 
     def wire(self) -> None:
-        msg, outs = self.message, {self.message, self.output, self.files}
+        outs = {self.message, self.output, self.files}
         source = {self.upload, self.path, self.model, self.family}
-        self.inspect_button.click(guarded(msg)(self.inspect), source, outs)
-        self.merge_button.click(guarded(msg)(self.merge), source | {self.merge_multiplier}, outs)
-        self.extract_button.click(guarded(msg)(self.extract), source | {self.extract_rank}, outs)
-        self.resize_button.click(guarded(msg)(self.resize), source | {self.resize_rank}, outs)
+        self.inspect_button.click(self.guarded(self.inspect), source, outs)
+        self.merge_button.click(self.guarded(self.merge), source | {self.merge_multiplier}, outs)
+        self.extract_button.click(self.guarded(self.extract), source | {self.extract_rank}, outs)
+        self.resize_button.click(self.guarded(self.resize), source | {self.resize_rank}, outs)
+
+    def guarded(self, handler: Callable[[dict[Any, Any]], dict]) -> Callable[[dict[Any, Any]], dict]:
+        """A failure shows its message and clears the output and files, which belonged to the previous tool run."""
+        safe = guarded(self.message)(handler)
+        return functools.wraps(handler)(lambda data: {self.output: "", self.files: None, **safe(data)})
 
     def _model(self, data: dict[Any, Any], why: str) -> str:
         model = (data[self.model] or "").strip()

@@ -3,8 +3,10 @@ dir), driven by Playwright through Debian's Chromium. Never `playwright install`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -28,6 +30,80 @@ if not Path(CHROMIUM).exists():
 playwright_api = pytest.importorskip("playwright.sync_api", reason="the playwright package is not installed")
 
 
+# ---- page helpers shared by the browser test files ------------------------------------------------------------
+def settle(page) -> None:
+    """Let the page draw two frames, so the effects of components that were just mounted have run."""
+    page.evaluate("() => new Promise(done => requestAnimationFrame(() => requestAnimationFrame(done)))")
+
+
+def fill(page, elem_id: str, value) -> None:
+    """Type ``value`` into a field; typed again if it did not stick: Gradio mounts the children of a tab or an
+    accordion on their first showing, and a component still mounting resets what was just typed into it."""
+    field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
+    for _ in range(3):
+        field.fill(str(value))
+        field.press("Tab")
+        settle(page)
+        if field.input_value() == str(value):
+            return
+    raise AssertionError(f"#{elem_id} does not keep {value!r}; it shows {field.input_value()!r}")
+
+
+def open_tab(page, name: str, ready: str) -> None:
+    """Select a tab and wait until ``ready`` (a selector inside it) shows."""
+    page.get_by_role("tab", name=name, exact=True).click()
+    page.locator(ready).wait_for()
+
+
+def choose(page, elem_id: str, option: str) -> None:
+    page.locator(f"#{elem_id} input").first.click()
+    page.get_by_role("option", name=option, exact=True).click()
+
+
+def open_accordion(page, title: str) -> None:
+    page.get_by_role("button", name=title).first.click()
+
+
+def message(page, prefix: str) -> str:
+    return page.locator(f"#{prefix}-message").inner_text()
+
+
+def wait_for_message(page, prefix: str, pattern: str, timeout_s: float = 30) -> str:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        text = message(page, prefix)
+        if re.search(pattern, text):
+            return text
+        time.sleep(0.2)
+    raise AssertionError(f"no message matching {pattern!r}; the page shows {message(page, prefix)!r}")
+
+
+def progress(page, prefix: str) -> dict:
+    """The progress bar's step, state and text, read in one go (the timer re-renders it every second)."""
+    return page.evaluate("""(selector) => {
+        const root = document.querySelector(selector), bar = root && root.querySelector('.lt-progress');
+        return bar ? {step: Number(bar.dataset.step), state: bar.dataset.state, text: bar.innerText}
+                   : {step: 0, state: null, text: root ? root.innerText : ''};
+    }""", f"#{prefix}-progress")
+
+
+def wait_progress(page, prefix: str, condition, timeout_s: float = 240) -> dict:
+    deadline = time.time() + timeout_s
+    while time.time() < deadline:
+        state = progress(page, prefix)
+        if condition(state):
+            return state
+        if state["state"] == "failed":
+            raise AssertionError(f"the run failed: {page.locator(f'#{prefix}-run-messages').inner_text()}")
+        time.sleep(0.3)
+    raise AssertionError(f"progress never satisfied the condition; last: {progress(page, prefix)}")
+
+
+def use_demo_model(page, prefix: str) -> None:
+    page.locator(f"#{prefix}-use-demo-model").click()
+    page.wait_for_function(f"document.querySelector('#{prefix}-model-path textarea').value.startsWith('builtin:')")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -37,6 +113,22 @@ def _free_port() -> int:
 class AppServer:
     def __init__(self, url: str, runs: Path, home: Path) -> None:
         self.url, self.runs, self.home = url, runs, home
+
+    def train(self, config) -> None:
+        """Train ``config`` in this process (the library, not the page), with the app's LYCOTRAIN_HOME so that
+        ``builtin:tiny-*`` is the very model the app uses."""
+        from lycotrain.engine.loop import train
+
+        with self.builtin_models():
+            result = train(config)
+        assert result["status"] == "finished", f"setup run {config.run_dir} failed: {result['message']}"
+
+    @contextlib.contextmanager
+    def builtin_models(self) -> Iterator[None]:
+        """``builtin:tiny-*`` resolves to the app's built-in models (its LYCOTRAIN_HOME) inside this block."""
+        with pytest.MonkeyPatch.context() as patch:
+            patch.setenv("LYCOTRAIN_HOME", str(self.home))
+            yield
 
     def jobs(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in self.runs.glob("*/job.json")]

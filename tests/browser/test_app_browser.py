@@ -4,78 +4,24 @@ from __future__ import annotations
 
 import json
 import re
-import time
 from pathlib import Path
 
 import pytest
 
-from tests.browser.conftest import ARTIFACTS, AppServer
+from tests.browser.conftest import (ARTIFACTS, AppServer, choose, fill, open_accordion, use_demo_model,
+                                    wait_for_message, wait_progress)
 
 pytestmark = pytest.mark.browser
 
 ALPACA = [{"instruction": f"Say the word number {i}.", "input": "", "output": f"word {i} " * 3} for i in range(8)]
 
 
-# ---- page helpers -------------------------------------------------------------------------------------------
-def fill(page, elem_id: str, value) -> None:
-    field = page.locator(f"#{elem_id} textarea, #{elem_id} input").first
-    field.fill(str(value))
-    field.press("Tab")
-
-
-def choose(page, elem_id: str, option: str) -> None:
-    page.locator(f"#{elem_id} input").first.click()
-    page.get_by_role("option", name=option, exact=True).click()
-
-
-def open_accordion(page, title: str) -> None:
-    page.get_by_role("button", name=title).first.click()
-
-
-def message(page, prefix: str) -> str:
-    return page.locator(f"#{prefix}-message").inner_text()
-
-
-def wait_for_message(page, prefix: str, pattern: str, timeout_s: float = 30) -> str:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        text = message(page, prefix)
-        if re.search(pattern, text):
-            return text
-        time.sleep(0.2)
-    raise AssertionError(f"no message matching {pattern!r}; the page shows {message(page, prefix)!r}")
-
-
-def progress(page, prefix: str) -> dict:
-    bar = page.locator(f"#{prefix}-progress .lt-progress")
-    if bar.count() == 0:
-        return {"step": 0, "state": None, "text": page.locator(f"#{prefix}-progress").inner_text()}
-    return {"step": int(bar.get_attribute("data-step")), "state": bar.get_attribute("data-state"),
-            "text": bar.inner_text()}
-
-
-def wait_progress(page, prefix: str, condition, timeout_s: float = 240) -> dict:
-    deadline = time.time() + timeout_s
-    while time.time() < deadline:
-        state = progress(page, prefix)
-        if condition(state):
-            return state
-        if state["state"] == "failed":
-            raise AssertionError(f"the run failed: {page.locator(f'#{prefix}-run-messages').inner_text()}")
-        time.sleep(0.3)
-    raise AssertionError(f"progress never satisfied the condition; last: {progress(page, prefix)}")
-
-
+# ---- page helpers (the shared ones are in conftest.py) ------------------------------------------------
 def loss_points(page, prefix: str) -> int:
     path = page.locator(f"#{prefix}-loss-plot g.mark-line path")
     if path.count() == 0:
         return 0
     return len(re.findall(r"[ML]", path.first.get_attribute("d") or ""))
-
-
-def use_demo_model(page, prefix: str) -> None:
-    page.locator(f"#{prefix}-use-demo-model").click()
-    page.wait_for_function(f"document.querySelector('#{prefix}-model-path textarea').value.startsWith('builtin:')")
 
 
 def setup_demo_image_run(page, steps: int, preview_every: int = 0) -> None:

@@ -1,5 +1,5 @@
 """The text tab's methods and the job queue in a real browser, on the built-in tiny LM: a run queued behind a
-running one starts after it; AdaLoRA shows its final rank allocation; X-LoRA over two LoRA experts (trained through
+running one starts after it, and Stop takes a queued one off the queue; AdaLoRA shows its final rank allocation; X-LoRA over two LoRA experts (trained through
 the library beforehand) finishes and the generation box answers."""
 
 from __future__ import annotations
@@ -49,13 +49,19 @@ def job(app_server: AppServer, name: str) -> dict:
 
 
 # ---- scenarios ----------------------------------------------------------------------------------------------
-def test_a_second_run_is_queued_and_starts_after_the_first(page, app_server: AppServer, dataset: Path) -> None:
+def test_runs_queue_behind_the_running_one(page, app_server: AppServer, dataset: Path) -> None:
     app_server.wait_idle()
-    text_tab(page, dataset, "lora", steps=80)
+    text_tab(page, dataset, "lora", steps=120)
     set_output_name(page, "queue-first")
     page.locator("#text-start").click()
     wait_for_message(page, "text", "Run queue-first started")
     fill(page, "text-training-max-steps", 3)
+    set_output_name(page, "queue-cancelled")  # Stop on a queued run takes it off the queue
+    page.locator("#text-start").click()
+    wait_for_message(page, "text", "Run queue-cancelled queued")
+    wait_progress(page, "text", lambda s: s["text"].startswith("queue-cancelled") and s["state"] == "queued")
+    page.locator("#text-stop").click()
+    assert "cancelled before it started" in wait_progress(page, "text", lambda s: s["state"] == "cancelled")["text"]
     set_output_name(page, "queue-second")
     page.locator("#text-start").click()
     wait_for_message(page, "text", r"Run queue-second queued \(another run is in progress\)")
@@ -68,6 +74,8 @@ def test_a_second_run_is_queued_and_starts_after_the_first(page, app_server: App
     first, second = job(app_server, "queue-first"), job(app_server, "queue-second")
     assert first["state"] == second["state"] == "finished"
     assert second["started"] >= first["ended"], "the queued run started before the running one ended"
+    cancelled = job(app_server, "queue-cancelled")
+    assert cancelled["state"] == "cancelled" and cancelled["started"] is None
     choose(page, "text-network-method", "xlora")  # the finished LoRA runs are offered as X-LoRA experts
     page.get_by_role("button", name="Refresh the expert list").click()
     page.locator("#text-network-experts input").first.click()

@@ -132,8 +132,7 @@ class XLoRAClassifier(nn.Module):
         if temperature <= 0:
             raise AdapterError(f"xlora: softmax temperature must be > 0, got {temperature}")
         if not 0.0 <= dropout < 1.0:
-            raise AdapterError(f"xlora: classifier dropout (network.xlora_dropout; xlora_dropout_p in a saved "
-                               f"adapter_config.json) must lie in [0, 1), got {dropout}")
+            raise AdapterError(f"xlora: classifier dropout must lie in [0, 1), got {dropout}")
         self.n_experts, self.n_layers = int(n_experts), int(n_layers)
         self.layerwise, self.temperature, self.enable_softmax = bool(layerwise), float(temperature), enable_softmax
         n_out = n_experts * n_layers if layerwise else n_experts

@@ -462,9 +462,15 @@ def load_adapter(model: nn.Module, folder: str | Path) -> TextAdapterSet:
 
 def _lora_dropout(config: dict[str, Any], folder: Path) -> float:
     """The folder's ``lora_dropout``, kept so that training on from a loaded folder (and saving it) keeps it."""
-    dropout = float(config.get("lora_dropout") or 0.0)
+    return _dropout_field(config, "lora_dropout", 0.0, folder)
+
+
+def _dropout_field(config: dict[str, Any], key: str, default: float, folder: Path) -> float:
+    """A dropout probability from ``adapter_config.json``; a FormatError naming the folder and key if outside [0, 1)."""
+    value = config.get(key)
+    dropout = float(default if value is None else value)
     if not 0.0 <= dropout < 1.0:
-        raise FormatError(f"{folder}: lora_dropout = {dropout} in adapter_config.json; it must lie in [0, 1)")
+        raise FormatError(f"{folder}: {key} = {dropout} in adapter_config.json; it must lie in [0, 1)")
     return dropout
 
 
@@ -493,7 +499,7 @@ def _load_xlora(model: nn.Module, folder: Path, config: dict[str, Any], tensors:
                             top_k=int(config.get("top_k_lora") or 0),
                             softmax_top_k=bool(config.get("enable_softmax_topk")),
                             depth=int(config.get("xlora_depth", 1)), size=int(config.get("xlora_size", 2048)),
-                            classifier_dropout=float(config.get("xlora_dropout_p", 0.2)),
+                            classifier_dropout=_dropout_field(config, "xlora_dropout_p", 0.2, folder),
                             global_scale=float(config.get("global_scaling_weight", 1.0)))
     prefix = "base_model.internal_xlora_classifier."
     state = {k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)}

@@ -362,17 +362,9 @@ def _module_bytes(module: torch.nn.Module) -> int:
 
 
 def _inject_meta(models: _MetaModels, spec: ModelSpec, config: "Config") -> None:
-    from lycotrain.diffusion.task import adapter_params
-    from lycotrain.inject import inject_pipeline
+    from lycotrain.diffusion.task import inject_network
 
-    network = config.network
-    components: dict[str, torch.nn.Module] = {"unet": models.unet} if network.train_unet else {}
-    if network.train_text_encoder:
-        components.update(zip(("text_encoder", "text_encoder_2"), models.text_encoders))
-    params, conv_params = adapter_params(network)
-    models.adapters = inject_pipeline(components, spec.family, method=network.method, params=params,
-                                      conv_params=conv_params, preset=network.preset, include=network.include,
-                                      exclude=network.exclude, overrides=list(network.overrides.items()))
+    models.adapters, _ = inject_network(config.network, spec.family, models.unet, models.text_encoders)
 
 
 def _enable_checkpointing(models: _MetaModels, meter: SavedTensorMeter, train_text_encoder: bool) -> None:

@@ -41,6 +41,23 @@ def adapter_params(network: NetworkConfig) -> tuple[dict[str, Any], dict[str, An
     return params, {**params, "rank": network.conv_rank, "alpha": network.conv_alpha or network.conv_rank}
 
 
+def inject_network(network: NetworkConfig, family: str, unet: torch.nn.Module,
+                   text_encoders: list[torch.nn.Module]) -> tuple[Any, list[torch.nn.Module]]:
+    """``[network]``'s adapters in the components it trains (the UNet and/or the text encoders): the adapter set
+    and those components. The task and the memory estimate (on meta models) both inject through here, so the
+    estimate counts exactly what training trains."""
+    from lycotrain.inject import inject_pipeline
+
+    components: dict[str, torch.nn.Module] = {"unet": unet} if network.train_unet else {}
+    if network.train_text_encoder:
+        components.update(zip(("text_encoder", "text_encoder_2"), text_encoders))
+    params, conv_params = adapter_params(network)
+    adapters = inject_pipeline(components, family, method=network.method, params=params, conv_params=conv_params,
+                               preset=network.preset, include=network.include, exclude=network.exclude,
+                               overrides=list(network.overrides.items()))
+    return adapters, list(components.values())
+
+
 class DiffusionTask:
     """Implements ``lycotrain.engine.task.Task`` for Stable Diffusion 1.x / 2.x / XL."""
 
@@ -98,19 +115,9 @@ class DiffusionTask:
                     encoder.gradient_checkpointing_enable()
 
     def _inject(self) -> None:
-        from lycotrain.inject import inject_pipeline
-
-        network, pipe = self.config.network, self.pipeline
-        components: dict[str, torch.nn.Module] = {}
-        if network.train_unet:
-            components["unet"] = pipe.unet
-        if network.train_text_encoder:
-            components.update(zip(("text_encoder", "text_encoder_2"), self.text_encoders))
-        params, conv_params = adapter_params(network)
-        self.adapters = inject_pipeline(components, self.family, method=network.method, params=params,
-                                        conv_params=conv_params, preset=network.preset, include=network.include,
-                                        exclude=network.exclude, overrides=list(network.overrides.items()))
-        for model in components.values():
+        self.adapters, trained = inject_network(self.config.network, self.family, self.pipeline.unet,
+                                                self.text_encoders)
+        for model in trained:
             model.train()
 
     def _build_caches(self) -> None:

@@ -170,6 +170,20 @@ def test_optimizer_state_matches_what_the_optimizers_allocate():
     assert optimizer_state_bytes("prodigy", [(10,)]) == 160
 
 
+def test_single_file_model_gives_the_folder_spec_and_a_wrong_family_is_refused(tmp_path, assets, tiny_spec):
+    """A one-file checkpoint is read like loading reads it: same architecture, and a model.family that does not
+    match the file is an error (an estimate of another model would mislead), not an SDXL estimate of an SD1 file."""
+    from lycotrain.diffusion.models import load_pipeline
+    from lycotrain.diffusion.single_file import save_single_file
+    from lycotrain.errors import ModelError
+
+    path = save_single_file(load_pipeline(str(assets[0])).pipeline, tmp_path / "tiny.safetensors", family="sd1")
+    spec = spec_from_path(str(path))
+    assert (spec.family, spec.unet["block_out_channels"]) == ("sd1", tiny_spec.unet["block_out_channels"])
+    with pytest.raises(ModelError, match="holds a sd1 model, not 'sdxl'"):
+        spec_from_path(str(path), "sdxl")
+
+
 # ---- in the report -------------------------------------------------------------------------------------------
 def test_lint_report_json_and_text_carry_the_estimate(assets, capsys, monkeypatch):
     monkeypatch.setattr(memory, "visible_gpu", lambda device=None: None)

@@ -221,9 +221,12 @@ def _single_file_configs(path: Path, family: str) -> dict[str, Any]:
         read_keys_and_metadata
 
     keys, metadata = read_keys_and_metadata(path)
+    detected = detect_family(keys)
+    if family != "auto" and family.split("-")[0] != detected:  # as loading refuses it: no estimate of another model
+        raise ModelError(f"{path}: holds a {detected} model, not {family!r} (model.family)")
     if METADATA_KEY in metadata:
         return json.loads(metadata[METADATA_KEY])["configs"]
-    return _package_configs(family if family != "auto" else detect_family(keys))
+    return _package_configs(family if family != "auto" else detected)
 
 
 # ---- counting what autograd saves ------------------------------------------------------------------------------

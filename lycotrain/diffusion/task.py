@@ -197,6 +197,7 @@ class DiffusionTask:
             noises, steps = [], []
             for path in paths:
                 # keyed on the file name, not the full path: a moved or copied dataset draws the same noise
+                # (and files of the same name in two folders share theirs; fine for a debugging option)
                 name = Path(path).name
                 generator = torch.Generator().manual_seed(self.config.seed + zlib.crc32(name.encode()))
                 noises.append(torch.randn(latents.shape[1:], generator=generator))

@@ -154,6 +154,20 @@ def test_tiny_sdxl_with_trained_text_encoders(tmp_path):
     assert spec.family == "sdxl" and trained.item("adapter parameters").bytes > frozen.item("adapter parameters").bytes
 
 
+def test_cuda_autocast_emulation_follows_pytorch_op_table():
+    """CUDA autocast (no GPU here): norms run in fp32, convolutions in the low precision, and upsampling, on
+    neither list, in whatever dtype it gets."""
+    import torch.nn.functional as F
+
+    from lycotrain.diffusion.memory import _MetaTrainingMode
+
+    x = torch.empty(1, 4, 8, 8, device="meta", dtype=torch.bfloat16)
+    with _MetaTrainingMode(torch.bfloat16, "cuda"):
+        assert F.group_norm(x, 2).dtype == torch.float32
+        assert F.conv2d(x.float(), torch.empty(4, 4, 1, 1, device="meta")).dtype == torch.bfloat16
+        assert F.interpolate(x, scale_factor=2.0).dtype == torch.bfloat16
+
+
 def test_optimizer_state_matches_what_the_optimizers_allocate():
     params = [torch.nn.Parameter(torch.randn(shape)) for shape in [(8, 300), (300, 8), (4, 6, 3, 3), (7,)]]
     from transformers.optimization import Adafactor

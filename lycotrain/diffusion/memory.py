@@ -56,13 +56,13 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Ops (by name) that autocast runs in the low-precision dtype / in float32, per device: PyTorch's "Autocast
-# Op Reference", restricted to what SD UNets and CLIP text encoders call. CUDA runs norms, softmax and
-# upsampling in fp32; the CPU list keeps them in the input's dtype.
+# Op Reference", restricted to what SD UNets and CLIP text encoders call. CUDA runs norms and softmax in fp32
+# (upsampling is on neither list: it keeps its input's dtype); the CPU list keeps them in the input's dtype.
 _LOW_PRECISION = frozenset({"linear", "conv1d", "conv2d", "conv_transpose2d", "matmul", "__matmul__", "mm", "bmm",
                             "baddbmm", "addmm", "addbmm", "scaled_dot_product_attention"})
 _LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"})
 AUTOCAST_OPS: dict[str, tuple[frozenset[str], frozenset[str]]] = {
-    "cuda": (_LOW_PRECISION, _LOSSES | {"group_norm", "layer_norm", "softmax", "log_softmax", "interpolate", "exp",
+    "cuda": (_LOW_PRECISION, _LOSSES | {"group_norm", "layer_norm", "softmax", "log_softmax", "exp",
                                         "log", "pow", "rsqrt", "norm", "softplus", "cumsum", "sum", "prod"}),
     "cpu": (_LOW_PRECISION, _LOSSES),
 }

@@ -82,6 +82,23 @@ def test_missing_package_stops_before_training(tmp_path, assets, monkeypatch):
     assert events(run_dir, "step") == [] and not (run_dir / TENSORBOARD_DIR).exists()
 
 
+def test_other_processes_write_nothing_but_need_the_package_too(tmp_path, monkeypatch):
+    """accelerate launch: only the main process writes records; every process stops alike without the package."""
+    from types import SimpleNamespace
+
+    from lycotrain.engine.loop import Trainer, _SilentEvents
+    from lycotrain.errors import ConfigError
+
+    run_dir = tmp_path / "run"
+    config = Config.from_dict({"run_dir": str(run_dir), "save": {"tensorboard": True}})
+    trainer = Trainer(config, SimpleNamespace(is_main_process=False), _SilentEvents(run_dir), task=None)
+    trainer._attach_tensorboard(resumed_step=None)
+    assert trainer.events.listener is None and not (run_dir / TENSORBOARD_DIR).exists()
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    with pytest.raises(ConfigError, match="pip install tensorboard"):
+        trainer._attach_tensorboard(resumed_step=None)
+
+
 def test_a_failing_write_warns_once_and_training_goes_on(tmp_path, assets, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 

@@ -157,13 +157,25 @@ class _ViewCache:
             return view
 
 
+def _writable_folder(folder: Path) -> Path:
+    """``folder``, created if missing; refused at once when this user cannot write it (the queue's lock file and
+    every run live there, so the app would otherwise fail on each scheduler tick)."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with open(folder / LOCK_FILE, "ab"):
+            pass
+    except OSError as exc:
+        raise LycotrainError(f"the runs folder {folder} cannot be written ({exc.strerror or exc}): choose a "
+                             "folder you can write with --runs DIR") from None
+    return folder
+
+
 class JobManager:
     """Queue, start, stop and re-attach training jobs under ``runs_root``."""
 
     def __init__(self, runs_root: str | Path, command: CommandFactory = train_command,
                  env: dict[str, str] | None = None, stop_grace_s: float = 60.0) -> None:
-        self.runs_root = Path(runs_root).resolve()
-        self.runs_root.mkdir(parents=True, exist_ok=True)
+        self.runs_root = _writable_folder(Path(runs_root).resolve())
         self._command = command
         self._env = env
         self.stop_grace_s = stop_grace_s

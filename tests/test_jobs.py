@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 
+from lycotrain.errors import LycotrainError
 from lycotrain.jobs import JobManager, RunView
 
 # A stand-in for `lycotrain train CONFIG`: reads a few settings from the config text, writes events, honours
@@ -196,3 +197,10 @@ def _alive(pid: int) -> bool:
         return "\tZ" not in next(line for line in status.read_text().splitlines() if line.startswith("State:"))
     except FileNotFoundError:
         return False
+
+
+def test_a_runs_folder_that_cannot_be_written_is_refused_at_once(tmp_path: Path) -> None:
+    """Not on every scheduler tick: the message names the folder and the --runs option."""
+    (tmp_path / "a-file").write_text("not a folder")
+    with pytest.raises(LycotrainError, match=r"a-file/runs cannot be written .*--runs DIR"):
+        JobManager(tmp_path / "a-file" / "runs")

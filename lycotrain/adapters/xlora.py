@@ -11,11 +11,17 @@ in every adapted linear layer (``layer_index`` picks its slice of the scalings).
 A per-token scalar commutes with A_e, so the experts of one layer are concatenated into one (sum r, in)
 matrix and one (out, sum r) matrix: two matmuls per layer for any number of experts (PEFT runs two per
 expert), and pass 1 skips the expert path entirely.
+
+Expert dropout (each expert's own ``lora_dropout``, PEFT: B_e A_e dropout_e(x * s_e)) gives every expert its
+own input, so in training with any expert dropout > 0 the A matmul runs per expert (B stays shared). The masks
+are drawn like PEFT's, one per expert with dropout > 0, in expert order, shaped like the layer input, in both
+passes (PEFT's scaling pass runs the experts with zero scalings and draws them too), so a seeded run consumes
+the RNG as PEFT's does.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, NamedTuple, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -49,13 +55,22 @@ def top_k_scalings(scalings: torch.Tensor, k: int, softmax_top_k: bool = False) 
 
 
 def mixed_lora(x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, rank_scale: torch.Tensor,
-               rank_expert: torch.Tensor, scalings: torch.Tensor) -> torch.Tensor:
-    """sum_e B_e A_e x * s_e * scale_e with the experts' ranks concatenated.
+               rank_expert: torch.Tensor, scalings: torch.Tensor, *, expert_ranks: Sequence[int] = (),
+               expert_dropout: Sequence[float] = ()) -> torch.Tensor:
+    """sum_e B_e A_e dropout_e(x * s_e) * scale_e with the experts' ranks concatenated.
 
     lora_a (R, in), lora_b (out, R), rank_scale (R,) = alpha_e / r_e per rank, rank_expert (R,) = the expert
-    of each rank, scalings (bs, T, n_experts)."""
-    per_rank = scalings.index_select(-1, rank_expert) * rank_scale
-    return F.linear(F.linear(x, lora_a) * per_rank.to(x.dtype), lora_b)
+    of each rank, scalings (bs, T, n_experts). Without ``expert_dropout`` (no dropout: eval, or all p = 0) one
+    A matmul serves every expert. With it (p per expert, in rank order, ``expert_ranks`` their ranks) each
+    expert's A reads its own dropped input, one mask per expert with p > 0 drawn in order; dropout_e(x * s_e)
+    = dropout_e(x) * s_e with the same mask, so s_e still scales the rank activations."""
+    per_rank = (scalings.index_select(-1, rank_expert) * rank_scale).to(x.dtype)
+    if expert_dropout:
+        down = torch.cat([F.linear(F.dropout(x, p) if p > 0 else x, a)
+                          for a, p in zip(lora_a.split(list(expert_ranks)), expert_dropout)], dim=-1)
+    else:
+        down = F.linear(x, lora_a)
+    return F.linear(down * per_rank, lora_b)
 
 
 # ---- modules ----------------------------------------------------------------------------------------
@@ -66,15 +81,23 @@ class ScalingState:
         self.scalings: torch.Tensor | None = None
 
 
+class LoRAExpert(NamedTuple):
+    """One frozen expert in one layer: lora_A (r, in), lora_B (out, r), alpha / r and its ``lora_dropout``."""
+
+    lora_a: torch.Tensor
+    lora_b: torch.Tensor
+    scale: float
+    dropout: float = 0.0
+
+
 class XLoRALinear(nn.Module):
     """A frozen Linear plus frozen LoRA experts mixed by the current scalings."""
 
     method = "xlora"
 
-    def __init__(self, base: nn.Linear, experts: dict[int, tuple[torch.Tensor, torch.Tensor, float]],
-                 layer_index: int, state: ScalingState, *, top_k: int = 0, softmax_top_k: bool = False,
-                 global_scale: float = 1.0) -> None:
-        """``experts`` maps expert index -> (lora_A (r, in), lora_B (out, r), alpha / r)."""
+    def __init__(self, base: nn.Linear, experts: dict[int, LoRAExpert], layer_index: int, state: ScalingState, *,
+                 top_k: int = 0, softmax_top_k: bool = False, global_scale: float = 1.0) -> None:
+        """``experts`` maps expert index -> its tensors, scale and dropout (the experts absent here are left out)."""
         super().__init__()
         if not experts:
             raise AdapterError("xlora: a layer needs at least one expert")
@@ -86,23 +109,36 @@ class XLoRALinear(nn.Module):
         self.softmax_top_k = bool(softmax_top_k)
         order = sorted(experts)
         dtype = base.weight.dtype
-        self.register_buffer("lora_A", torch.cat([experts[e][0] for e in order]).to(dtype))
-        self.register_buffer("lora_B", torch.cat([experts[e][1] for e in order], dim=1).to(dtype))
-        ranks = [experts[e][0].shape[0] for e in order]
+        self.register_buffer("lora_A", torch.cat([experts[e].lora_a for e in order]).to(dtype))
+        self.register_buffer("lora_B", torch.cat([experts[e].lora_b for e in order], dim=1).to(dtype))
+        self.expert_ranks = [experts[e].lora_a.shape[0] for e in order]
+        self.expert_dropout = [float(experts[e].dropout) for e in order]
         self.register_buffer("rank_scale", torch.cat(
-            [torch.full((r,), experts[e][2] * global_scale) for e, r in zip(order, ranks)]).to(dtype))
+            [torch.full((r,), experts[e].scale * global_scale) for e, r in zip(order, self.expert_ranks)]).to(dtype))
         self.register_buffer("rank_expert", torch.cat(
-            [torch.full((r,), e, dtype=torch.long) for e, r in zip(order, ranks)]))
+            [torch.full((r,), e, dtype=torch.long) for e, r in zip(order, self.expert_ranks)]))
+
+    @property
+    def drops_experts(self) -> bool:
+        """Whether a forward now applies expert dropout (training, and some expert's p > 0)."""
+        return self.training and any(p > 0 for p in self.expert_dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         result = self.base(x)
         scalings = self.state.scalings
+        dropping = self.drops_experts
         if scalings is None:
+            if dropping:  # PEFT's scaling pass draws (and wastes) these masks: draw them too, to stay in step
+                for p in self.expert_dropout:
+                    if p > 0:
+                        F.dropout(x, p)
             return result
         scalings = scalings[:, :, self.layer_index, :]
         if self.top_k:
             scalings = top_k_scalings(scalings, self.top_k, self.softmax_top_k)
-        return result + mixed_lora(x, self.lora_A, self.lora_B, self.rank_scale, self.rank_expert, scalings)
+        return result + mixed_lora(x, self.lora_A, self.lora_B, self.rank_scale, self.rank_expert, scalings,
+                                   expert_ranks=self.expert_ranks,
+                                   expert_dropout=self.expert_dropout if dropping else ())
 
 
 def build_classifier(hidden_size: int, n_out: int, depth: int = 1, size: int = 2048,

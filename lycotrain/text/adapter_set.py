@@ -19,7 +19,7 @@ from torch import nn
 from lycotrain.adapters.adalora import AdaLoRAAdapter, RankAllocator, orthogonal_regularizer
 from lycotrain.adapters.llama_adapter import PEFT_MODEL_TYPES, AdaptedAttention, layout_for
 from lycotrain.adapters.lora import LoRAAdapter
-from lycotrain.adapters.xlora import ScalingState, XLoRAClassifier, XLoRALinear, XLoRAModel
+from lycotrain.adapters.xlora import LoRAExpert, ScalingState, XLoRAClassifier, XLoRALinear, XLoRAModel
 from lycotrain.atomic import atomic_path
 from lycotrain.errors import AdapterError, FormatError
 from lycotrain.formats import peft as peft_format
@@ -375,16 +375,19 @@ def resolve_adapter_folder(path: str | Path) -> Path:
                       "(adapter/adapter_config.json)")
 
 
-def read_lora_expert(folder: Path) -> dict[str, tuple[torch.Tensor, torch.Tensor, float]]:
-    """Module path -> (lora_A, lora_B, alpha / r) of a PEFT LoRA folder."""
+def read_lora_expert(folder: Path) -> dict[str, LoRAExpert]:
+    """Module path -> (lora_A, lora_B, alpha / r, lora_dropout) of a PEFT LoRA folder: X-LoRA training drops each
+    expert's input with its own ``lora_dropout``, as PEFT's X-LoRA does."""
     config, tensors = peft_format.read_peft_folder(folder)
     if config["peft_type"] != "LORA":
         raise FormatError(f"{folder}: X-LoRA experts must be LoRA adapters, this one is {config['peft_type']}")
     rank = int(config.get("r", 8))
     alpha = float(config.get("lora_alpha", 8))
     scale = alpha / rank ** 0.5 if config.get("use_rslora") else alpha / rank
+    dropout = _lora_dropout(config, folder)
     grouped = peft_format.group_by_module(tensors, peft_format.LORA_TENSORS, folder)
-    return {path: (t["lora_A.weight"].float(), t["lora_B.weight"].float(), scale) for path, t in grouped.items()}
+    return {path: LoRAExpert(t["lora_A.weight"].float(), t["lora_B.weight"].float(), scale, dropout)
+            for path, t in grouped.items()}
 
 
 def attach_xlora(model: nn.Module, *, experts: list[str | Path], layerwise: bool = False, temperature: float = 1.0,

@@ -64,3 +64,18 @@ def test_text_demo_xlora_trains_two_experts_first(tmp_path):
     assert main(["demo", "--task", "text", "--method", "xlora", "--out", str(out), "--steps", "6"]) == 0
     assert (out / "experts" / "first" / "adapter").is_dir() and (out / "experts" / "second" / "adapter").is_dir()
     assert (out / "run" / "adapter" / "experts" / "1" / "adapter_config.json").is_file()
+
+
+def test_generation_gives_every_module_its_own_mode_back():
+    """A wrapper in train mode around a frozen base in eval mode (X-LoRA's runner): a preview must not leave
+    the base in train mode, where its dropout would act in the training steps that follow."""
+    from torch import nn
+    from transformers import AutoTokenizer
+
+    model = load_model().eval()
+    runner = nn.ModuleDict({"model": model})
+    runner.forward = model.forward  # the wrapper only needs to run the model
+    runner.train()
+    model.eval()
+    generate_text(runner, AutoTokenizer.from_pretrained(tiny_model_dir("llama")), "Say hello.", 2)
+    assert runner.training and not any(module.training for module in model.modules())

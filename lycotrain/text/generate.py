@@ -56,11 +56,14 @@ def greedy_ids(runner: nn.Module, input_ids: torch.Tensor, max_new_tokens: int, 
 
 def generate_text(runner: nn.Module, tokenizer: Any, prompt: str, max_new_tokens: int = 32) -> str:
     """Greedy continuation of ``prompt`` (framed as in training), decoded without special tokens."""
-    was_training = runner.training
+    # every module's own mode comes back, not the runner's: a frozen base in eval mode inside a wrapper in train
+    # mode (X-LoRA) must not leave a preview with its dropout switched on
+    modes = [(module, module.training) for module in runner.modules()]
     runner.eval()
     try:
         device = next(runner.parameters()).device
         ids = greedy_ids(runner, encode_prompt(tokenizer, prompt, device), max_new_tokens, tokenizer.eos_token_id)
     finally:
-        runner.train(was_training)
+        for module, mode in modes:
+            module.training = mode
     return tokenizer.decode(ids, skip_special_tokens=True)

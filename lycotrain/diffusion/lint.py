@@ -20,7 +20,8 @@ from lycotrain.diffusion.buckets import Size, bucket_grid, fits_grid
 from lycotrain.diffusion.captions import with_trigger
 from lycotrain.diffusion.dataset import ImageDataset, ImageRecord
 from lycotrain.diffusion import memory as memory_estimate
-from lycotrain.diffusion.memory import MemoryEstimate, ModelSpec
+from lycotrain.diffusion.memory import ModelSpec
+from lycotrain.engine.memory import DTYPES, MemoryEstimate
 
 if TYPE_CHECKING:
     from lycotrain.engine.config import Config
@@ -132,7 +133,7 @@ def lint_config(config: "Config") -> tuple[ImageDataset, LintReport]:
     if config.model.path:
         add_memory_estimate(report, config,
                             lambda: memory_estimate.spec_from_path(config.model.path, config.model.family),
-                            weight_dtype=memory_estimate.DTYPES[t.mixed_precision])
+                            weight_dtype=DTYPES[t.mixed_precision])
     else:
         report.memory_unavailable = "no model.path given (lint --model PATH, or a --config that names the model)"
     return dataset, report

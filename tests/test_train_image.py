@@ -4,12 +4,11 @@ UNet and on the text encoder, by a margin that the same run with the adapter dis
 
 import pytest
 
-from _image_runs import build_assets, image_config, losses
+from _image_runs import DisconnectedTask, build_assets, image_config, learning_run, losses
 from lycotrain.diffusion.task import DiffusionTask
 from lycotrain.engine.loop import train
 
 METHODS = ["lora", "loha", "lokr", "oft", "hra"]
-STEPS = 40
 # final loss / first loss must be below this. Through the text encoder alone only the cross-attention conditioning
 # changes, so the loss levels off higher: at seed 0 every method ends at 0.80-0.83 of its start (seeds 1-3: up to
 # 0.90); the disconnected run stays at exactly 1.
@@ -26,40 +25,16 @@ def _home(tmp_path, monkeypatch):
     monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))  # latent/text caches of this test only
 
 
-class DisconnectedTask(DiffusionTask):
-    """The same run with every adapter at multiplier 0: the adapters are out of the forward pass (a zero term
-    keeps the loss attached to them, so the run goes through and shows what the loss does without them)."""
-
-    def setup(self, config, accelerator, events):
-        super().setup(config, accelerator, events)
-        self.adapters.set_multiplier(0.0)
-
-    def training_step(self, batch, step):
-        return super().training_step(batch, step) + 0.0 * sum(p.sum() for p in self.adapters.parameters())
-
-
-def learning_run(tmp_path, assets, method, component, task=None):
-    model, data = assets
-    network = {"method": method, "train_unet": component == "unet", "train_text_encoder": component == "te"}
-    lr = {"unet": 1e-2, "te": 5e-2}[component]
-    config = image_config(tmp_path / "run", model, data, network=network,
-                          training={"max_steps": STEPS, "lr": lr, "fixed_noise": True, "max_grad_norm": 0.0})
-    result = train(config, task=task)
-    assert result["status"] == "finished", result["message"]
-    curve = losses(tmp_path / "run")
-    return curve[0], curve[-1]
-
-
 @pytest.mark.parametrize("component", ["unet", "te"])
 @pytest.mark.parametrize("method", METHODS)
 def test_loss_falls(tmp_path, assets, method, component):
-    first, last = learning_run(tmp_path, assets, method, component)
+    first, last = learning_run(tmp_path / "run", *assets, method, component)
     assert last < MARGIN[component] * first, f"{method} on {component}: loss {first:.4f} -> {last:.4f}"
 
 
 @pytest.mark.parametrize("component", ["unet", "te"])
 def test_disconnected_adapter_fails_the_margin(tmp_path, assets, component):
-    first, last = learning_run(tmp_path, assets, "lora", component, task=DisconnectedTask())
+    first, last = learning_run(tmp_path / "run", *assets, "lora", component, task=DisconnectedTask())
     assert last >= MARGIN[component] * first and last == pytest.approx(first, rel=1e-4)
 
 

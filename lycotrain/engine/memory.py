@@ -44,8 +44,9 @@ DTYPES = {"no": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "fp32", torch.float16: "fp16", torch.bfloat16: "bf16"}
 
 # Ops (by name) that autocast runs in the low-precision dtype / in float32, per device: PyTorch's "Autocast
-# Op Reference", restricted to what SD UNets and CLIP text encoders call. CUDA runs norms and softmax in fp32
-# (upsampling is on neither list: it keeps its input's dtype); the CPU list keeps them in the input's dtype.
+# Op Reference", restricted to what SD UNets, CLIP text encoders and causal LMs call. CUDA runs norms and
+# softmax in fp32 (upsampling is on neither list: it keeps its input's dtype); the CPU list keeps them in the
+# input's dtype.
 _LOW_PRECISION = frozenset({"linear", "conv1d", "conv2d", "conv_transpose2d", "matmul", "__matmul__", "mm", "bmm",
                             "baddbmm", "addmm", "addbmm", "scaled_dot_product_attention"})
 _LOSSES = frozenset({"mse_loss", "l1_loss", "smooth_l1_loss", "huber_loss"})
@@ -292,10 +293,12 @@ def _cast_floats(tree: Any, dtype: torch.dtype) -> Any:
 def _fused_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, attn_mask: Any = None,
                      dropout_p: float = 0.0, is_causal: bool = False, scale: float | None = None,
                      enable_gqa: bool = False) -> torch.Tensor:
-    """SDPA as a fused kernel computes and saves it (q, k, v, output, log-sum-exp; no attention matrix)."""
-    if enable_gqa:  # not used by SD models; keep torch's own path rather than guess
-        return F.scaled_dot_product_attention(query, key, value, attn_mask, dropout_p, is_causal, scale,
-                                              enable_gqa=True)
+    """SDPA as a fused kernel computes and saves it (q, k, v, output, log-sum-exp; no attention matrix). Grouped
+    keys and values stay grouped (``enable_gqa``: the fused kernels read them so). A boolean mask becomes an
+    additive one in the query's dtype, as SDPA makes it at every call before choosing a kernel (the kernels
+    save that copy)."""
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        attn_mask = torch.zeros_like(attn_mask, dtype=query.dtype).masked_fill_(attn_mask.logical_not(), -math.inf)
     out, _ = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(
         query, key, value, dropout_p, is_causal, attn_mask=attn_mask, scale=scale)
     return out

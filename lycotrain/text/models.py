@@ -127,15 +127,23 @@ def resolve_model_path(path: str | Path) -> Path:
     return folder
 
 
-def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
-    """Load a local causal LM and its tokenizer (offline). The model is frozen and in eval mode."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def read_model_config(path: str | Path) -> tuple[Path, Any]:
+    """The folder of ``model.path`` and its transformers config (config.json only), of a supported type."""
+    from transformers import AutoConfig
 
     folder = resolve_model_path(path)
     config = AutoConfig.from_pretrained(folder, local_files_only=True)
     if config.model_type not in SUPPORTED_MODEL_TYPES:
         raise ModelError(f"{folder}: model type {config.model_type!r} is not supported; supported: "
                          f"{', '.join(SUPPORTED_MODEL_TYPES)}")
+    return folder, config
+
+
+def load_causal_lm(path: str | Path, dtype: torch.dtype = torch.float32) -> tuple[Any, Any]:
+    """Load a local causal LM and its tokenizer (offline). The model is frozen and in eval mode."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    folder, _ = read_model_config(path)
     try:
         tokenizer = AutoTokenizer.from_pretrained(folder, local_files_only=True)
         model = AutoModelForCausalLM.from_pretrained(folder, local_files_only=True, dtype=dtype)

@@ -15,11 +15,13 @@ import torch
 
 from lycotrain.engine.config import Config
 from lycotrain.engine.events import EventWriter
+from lycotrain.engine.memory import DTYPES
 from lycotrain.errors import ConfigError
 from lycotrain.text.adapter_set import (TextAdapterSet, attach_adalora, attach_llama_adapter, attach_lora,
                                         attach_xlora, load_adapter)
 from lycotrain.text.dataset import load_text_dataset, make_dataloader
 from lycotrain.text.generate import generate_text
+from lycotrain.text.memory import estimate_for_run
 from lycotrain.text.models import load_causal_lm
 
 ADAPTER_FOLDER = "adapter"
@@ -46,6 +48,37 @@ def build_adapters(model: Any, config: Config) -> TextAdapterSet:
     raise ConfigError(f"network.method = {n.method!r} is not a text method")
 
 
+def enable_gradient_checkpointing(model: Any, config: Config,
+                                  checkpoint_kwargs: dict[str, Any] | None = None) -> None:
+    """Checkpoint every decoder layer when ``training.gradient_checkpointing`` asks (the task and the memory
+    estimate both call this; ``checkpoint_kwargs`` as transformers takes them, None: its non-reentrant default).
+
+    transformers checkpoints a layer only while the layer is in training mode, and the frozen base model stays
+    in eval mode (its own dropout off): so only the checkpointed layers' own flags are set, their attention and
+    dropout modules keep eval mode."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    if not config.training.gradient_checkpointing:
+        return
+    if config.network.method == "xlora":
+        raise ConfigError("training.gradient_checkpointing does not work with X-LoRA (its scalings are not "
+                          "recomputed); turn it off")
+    model.activation_checkpointing_enable(checkpoint_kwargs)
+    model.config.use_cache = False
+    for module in model.modules():
+        if isinstance(module, GradientCheckpointingLayer) and module.gradient_checkpointing:
+            module.training = True
+
+
+def training_loss(adapters: TextAdapterSet, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """One training forward with labels (X-LoRA: its two passes) plus the method's regulariser."""
+    adapters.train(True)
+    loss = adapters.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                           labels=batch["labels"]).loss
+    extra = adapters.extra_loss()
+    return loss if extra is None else loss + extra
+
+
 class TextTask:
     """``engine.task.Task`` for causal language models."""
 
@@ -54,20 +87,26 @@ class TextTask:
         self.run_dir = Path(config.run_dir)
         self.model, self.tokenizer = load_causal_lm(config.model.path)
         self.model.to(accelerator.device)
-        if config.training.gradient_checkpointing:
-            if config.network.method == "xlora":
-                raise ConfigError("training.gradient_checkpointing does not work with X-LoRA (its scalings are "
-                                  "not recomputed); turn it off")
-            self.model.gradient_checkpointing_enable()
-            self.model.config.use_cache = False
+        enable_gradient_checkpointing(self.model, config)
         self.adapters = build_adapters(self.model, config)
         self.adapters.to(accelerator.device)
         d = config.dataset
         self.dataset, report = load_text_dataset(d.path, self.tokenizer, format=d.format, max_length=d.max_length,
                                                  train_on_prompt=d.train_on_prompt)
-        events.emit("preflight", report={**report.to_dict(), **self.adapters.counts()})
+        memory, unavailable = estimate_for_run(config, report, weight_dtype=self.model.dtype,
+                                               autocast_dtype=self._autocast_dtype(), device=accelerator.device)
+        events.emit("preflight", report={**report.to_dict(), **self.adapters.counts(),
+                                         "memory": None if memory is None else memory.to_dict(),
+                                         "memory_unavailable": unavailable})
         for message in report.warnings:
             events.emit("warning", message=message)
+        if memory is not None and (too_big := memory.fit_warning()):
+            events.emit("warning", message=too_big)
+
+    def _autocast_dtype(self) -> torch.dtype | None:
+        """What the loop's ``accelerator.autocast()`` computes in (accelerate has no autocast without native AMP)."""
+        precision = self.config.training.mixed_precision
+        return DTYPES[precision] if precision != "no" and self.accelerator.native_amp else None
 
     # ---- training ---------------------------------------------------------------------------------------
     def param_groups(self) -> list[dict[str, Any]]:
@@ -78,11 +117,7 @@ class TextTask:
                                self.config.seed, epoch)
 
     def training_step(self, batch: dict[str, torch.Tensor], step: int) -> torch.Tensor:
-        self.adapters.train(True)
-        loss = self.adapters.runner(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                    labels=batch["labels"]).loss
-        extra = self.adapters.extra_loss()
-        return loss if extra is None else loss + extra
+        return training_loss(self.adapters, batch)
 
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         """AdaLoRA: importance, budget and masking (PEFT's update_and_allocate), with the loop's total."""

@@ -221,3 +221,28 @@ def test_v_prediction_disconnected_adapter_fails_the_margin(tmp_path, models, de
     first, last = learning_run(tmp_path / "run", models["v"], demo_data, "lora", "unet", task=DisconnectedTask(),
                                training={"zero_terminal_snr": True})
     assert last >= V_MARGIN * first and last == pytest.approx(first, rel=1e-4)
+
+
+@pytest.mark.parametrize("sampler", ["euler", "euler_a", "dpmpp_2m", "ddim", "unipc"])
+def test_zero_terminal_snr_previews_start_from_the_last_timestep(models, sampler):
+    """Trailing spacing: the first preview step is timestep 999, the pure noise a zero-SNR model starts from."""
+    from diffusers import DDPMScheduler
+
+    from lycotrain.diffusion.sampling import make_sampler
+
+    schedule = DDPMScheduler.from_pretrained(models["v"] / "scheduler", rescale_betas_zero_snr=True)
+    preview = make_sampler(sampler, schedule.config)
+    preview.set_timesteps(4)
+    assert int(preview.timesteps[0]) == schedule.config.num_train_timesteps - 1
+    plain = make_sampler(sampler, DDPMScheduler.from_pretrained(models["v"] / "scheduler").config)
+    plain.set_timesteps(4)
+    assert int(plain.timesteps[0]) < schedule.config.num_train_timesteps - 1  # "leading", as the model ships
+
+
+def test_zero_terminal_snr_on_an_epsilon_model_is_refused(tmp_path, demo_data):
+    from lycotrain.diffusion.models import build_tiny_pipeline
+
+    model = build_tiny_pipeline(tmp_path / "eps", arch="sd1")
+    result = train(image_config(tmp_path / "run", model, demo_data, training={"zero_terminal_snr": True}))
+    assert result["status"] == "failed"
+    assert "training.zero_terminal_snr" in result["message"] and "v_prediction" in result["message"]

@@ -28,8 +28,15 @@ SAMPLERS: dict[str, tuple[str, dict[str, Any]]] = {
 
 
 def make_sampler(name: str, training_scheduler_config: Any) -> Any:
-    """The sampler ``name`` over the model's noise schedule (betas, prediction type, zero-terminal-SNR)."""
+    """The sampler ``name`` over the model's noise schedule (betas, prediction type, zero-terminal-SNR).
+
+    A zero-terminal-SNR schedule samples with "trailing" timesteps, so the first step is the last training
+    timestep, the pure noise the model learnt to start from (Lin et al. 2023; "leading" would start at 751 of
+    1000 with 4 steps and never see it).
+    """
     cls_name, options = SAMPLERS[name]
+    if training_scheduler_config.get("rescale_betas_zero_snr"):
+        options = {**options, "timestep_spacing": "trailing"}
     cls = getattr(importlib.import_module("diffusers"), cls_name)
     return cls.from_config(training_scheduler_config, **options)
 

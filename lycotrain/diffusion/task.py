@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch.utils.data import DataLoader
 
 from lycotrain.engine.config import Config, NetworkConfig
-from lycotrain.errors import DatasetError
+from lycotrain.errors import ConfigError, DatasetError
 
 # the constructor keywords each image method takes from [network] (see docs/contracts.md, Adapters)
 _METHOD_PARAMS: dict[str, tuple[str, ...]] = {
@@ -105,6 +105,11 @@ class DiffusionTask:
         if prediction == "auto":
             prediction = self.model.prediction_type
         self.prediction_type = prediction
+        if config.training.zero_terminal_snr and prediction == "epsilon":
+            raise ConfigError("training.zero_terminal_snr = true needs a v-prediction model: at the last timestep "
+                              "the noisy input is pure noise, from which an epsilon model cannot recover the image "
+                              "(samplers divide by zero there); set model.prediction_type = \"v_prediction\" for a "
+                              "v model, or turn zero_terminal_snr off")
         self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config, prediction_type=prediction,
                                                          rescale_betas_zero_snr=config.training.zero_terminal_snr)
         self.alphas_cumprod = self.noise_scheduler.alphas_cumprod.to(self.device)

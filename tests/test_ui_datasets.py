@@ -7,8 +7,10 @@ import io
 import zipfile
 from pathlib import Path
 
+import pytest
 from PIL import Image
 
+from lycotrain.errors import DatasetError
 from lycotrain.ui import datasets
 
 
@@ -83,3 +85,15 @@ def test_run_names_drop_the_upload_timestamp(tmp_path: Path) -> None:
     folder = datasets.new_upload_folder(tmp_path, "demo-dataset")
     assert datasets.display_name(folder) == "demo-dataset"
     assert datasets.display_name("/data/cats.jsonl") == "cats"
+
+
+def test_caption_editor_refuses_an_empty_dataset_path(tmp_path: Path, monkeypatch) -> None:
+    """An empty field is not the app's working folder: the bulk edits would write captions all over it."""
+    (tmp_path / "logo.png").write_bytes(_png())
+    monkeypatch.chdir(tmp_path)
+    for folder in ("", "  "):
+        with pytest.raises(DatasetError, match="dataset.path is empty"):
+            datasets.add_prefix(folder, ".txt", "lyco")
+        with pytest.raises(DatasetError, match="dataset.path is empty"):
+            datasets.list_images(folder)
+    assert not (tmp_path / "logo.txt").exists()

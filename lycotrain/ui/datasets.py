@@ -154,8 +154,12 @@ def _zip_entries(path: Path, shown: str) -> list[_Entry]:
 
 # ---- caption editor -----------------------------------------------------------------------------------------
 def list_images(folder: str | Path) -> list[Path]:
-    """Every image under ``folder`` (kohya ``N_name`` sub-folders included), in a stable order."""
-    root = Path(folder)
+    """Every image under ``folder`` (kohya ``N_name`` sub-folders included), in a stable order. An empty path is
+    refused: ``Path("")`` is the app's working folder, whose captions the bulk edits would otherwise rewrite."""
+    if not str(folder).strip():
+        raise DatasetError("dataset.path is empty; enter the image folder whose captions to edit, upload images, or "
+                           "press “Create the demo dataset”")
+    root = Path(str(folder).strip())
     if not root.is_dir():
         raise DatasetError(f"dataset.path: folder {root} does not exist; enter a folder on the server or upload "
                            "images")

@@ -97,3 +97,22 @@ def test_caption_editor_refuses_an_empty_dataset_path(tmp_path: Path, monkeypatc
         with pytest.raises(DatasetError, match="dataset.path is empty"):
             datasets.list_images(folder)
     assert not (tmp_path / "logo.txt").exists()
+
+
+def test_names_in_other_scripts_stay_distinct_and_clashing_names_never_overwrite(tmp_path: Path) -> None:
+    """日本.png and 中国.png were both saved as __.png: the first image was silently replaced by the second."""
+    src = tmp_path / "src"
+    src.mkdir()
+    for name, color, caption in (("日本", "red", "japan"), ("中国", "blue", "china"), ("😀", "green", "smile"),
+                                 ("😃", "white", "grin")):
+        (src / f"{name}.png").write_bytes(_png(color))
+        (src / f"{name}.txt").write_text(caption)
+    dest = tmp_path / "dest"
+    result = datasets.import_uploads([str(p) for p in sorted(src.iterdir())], dest)
+    assert len(result.images) == 4 and len(result.captions) == 4 and not result.rejected
+    assert datasets.sanitize_name("mein präset") == "mein präset"
+    assert (dest / "日本.txt").read_text() == "japan" and (dest / "中国.txt").read_text() == "china"
+    pairs = {Image.open(dest / image).getpixel((0, 0)): (dest / image).with_suffix(".txt").read_text()
+             for image in result.images}
+    assert pairs == {(255, 0, 0): "japan", (0, 0, 255): "china", (0, 128, 0): "smile", (255, 255, 255): "grin"}
+    assert len(result.renamed) == 1 and "renamed" in result.summary()

@@ -9,6 +9,7 @@ next to an image of the same name, so a stray text file cannot slip in as traini
 from __future__ import annotations
 
 import io
+import os
 import re
 import time
 import zipfile
@@ -32,17 +33,21 @@ class ImportResult:
     images: list[str] = field(default_factory=list)
     captions: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (name as uploaded, reason)
+    renamed: list[tuple[str, str]] = field(default_factory=list)  # (name as uploaded, name kept)
 
     def summary(self) -> str:
         lines = [f"Imported {len(self.images)} image(s) and {len(self.captions)} caption(s) into `{self.folder}`."]
+        lines += [f"- renamed `{name}` to `{kept}`: another uploaded file has the same name"
+                  for name, kept in self.renamed]
         lines += [f"- rejected `{name}`: {reason}" for name, reason in self.rejected]
         return "\n".join(lines)
 
 
 def sanitize_name(name: str) -> str:
-    """A safe file name: the last path part only, restricted characters, no leading dot, bounded length."""
+    """A safe file name: the last path part only, letters and digits of any script (so that names in other
+    alphabets stay distinct) plus ``._ -``, no leading dot, bounded length."""
     base = re.split(r"[\\/]", name)[-1]
-    cleaned = re.sub(r"[^A-Za-z0-9._ -]", "_", base).strip(" .")
+    cleaned = re.sub(r"[^\w. -]", "_", base).strip(" .")
     stem, dot, ext = cleaned.rpartition(".")
     if dot and len(cleaned) > 120:
         cleaned = f"{stem[:110]}.{ext[:9]}"
@@ -92,6 +97,11 @@ class _Entry:
     data: bytes = b""
     reason: str = ""  # set when the entry is refused before looking at its content
 
+    @property
+    def source_stem(self) -> str:
+        """The name as uploaded without its extension: what pairs a caption with its image."""
+        return os.path.splitext(self.shown)[0]
+
 
 def import_uploads(paths: list[str], dest: Path) -> ImportResult:
     """Copy uploaded images (loose or inside zips) into ``dest``; captions only beside a kept image."""
@@ -105,7 +115,8 @@ def import_uploads(paths: list[str], dest: Path) -> ImportResult:
     if len(entries) > MAX_UPLOAD_FILES:
         raise DatasetError(f"the upload holds {len(entries)} files; at most {MAX_UPLOAD_FILES} per upload")
     result = ImportResult(folder=dest)
-    kept_images: set[PurePosixPath] = set()
+    kept_images: dict[str, PurePosixPath] = {}  # source stem -> kept stem, for the captions
+    taken: set[PurePosixPath] = set()
     captions: list[_Entry] = []
     for entry in entries:
         suffix = entry.target.suffix.lower() if entry.target else ""
@@ -120,16 +131,32 @@ def import_uploads(paths: list[str], dest: Path) -> ImportResult:
         elif not is_decodable_image(entry.data):
             result.rejected.append((entry.shown, "not a readable image (the file is damaged or not an image)"))
         else:
-            atomic_write_bytes(dest / entry.target, entry.data)
-            kept_images.add(entry.target.with_suffix(""))
-            result.images.append(str(entry.target))
+            target = _unused(entry.target, taken)
+            if target != entry.target:
+                result.renamed.append((entry.shown, str(target)))
+            atomic_write_bytes(dest / target, entry.data)
+            kept_images[entry.source_stem] = target.with_suffix("")
+            result.images.append(str(target))
+    kept_stems = set(kept_images.values())
     for entry in captions:
-        if entry.target.with_suffix("") not in kept_images:
+        stem = kept_images.get(entry.source_stem) or (entry.target.with_suffix("") if entry.target.with_suffix("")
+                                                      in kept_stems else None)
+        if stem is None:
             result.rejected.append((entry.shown, "caption file without an image of the same name in this upload"))
             continue
-        atomic_write_bytes(dest / entry.target, entry.data)
-        result.captions.append(str(entry.target))
+        target = _unused(stem.with_name(stem.name + entry.target.suffix), taken)
+        atomic_write_bytes(dest / target, entry.data)
+        result.captions.append(str(target))
     return result
+
+
+def _unused(target: PurePosixPath, taken: set[PurePosixPath]) -> PurePosixPath:
+    """``target``, or ``name-N.ext`` when another file of this upload already took it (never overwrite one)."""
+    candidate, number = target, 1
+    while candidate in taken:
+        candidate, number = target.with_name(f"{target.stem}-{number}{target.suffix}"), number + 1
+    taken.add(candidate)
+    return candidate
 
 
 def _zip_entries(path: Path, shown: str) -> list[_Entry]:

@@ -130,3 +130,28 @@ def test_tools_tab_merges_at_multiplier_zero(tmp_path: Path, monkeypatch) -> Non
     tab.merge({**data, tab.merge_multiplier: 0.0})
     tab.merge({**data, tab.merge_multiplier: None})  # an emptied field: the default
     assert [args[args.index("--multiplier") + 1] for args in calls] == ["0.0", "1.0"]
+
+
+def _handler(app: gr.Blocks, component: gr.components.Component, event: str):
+    """The function the page calls for ``event`` on ``component``."""
+    return next(f.fn for f in app.fns.values() if (component._id, event) in f.targets)
+
+
+def test_a_failed_upload_empties_the_upload_box(tmp_path: Path, monkeypatch) -> None:
+    """The refused file stayed in the box, and every later upload sent it again and failed with it."""
+    from lycotrain.ui import datasets
+    from lycotrain.ui.image_tab import ImageTab
+    from lycotrain.ui.text_tab import TextTab
+
+    manager = JobManager(tmp_path / "runs")
+    with gr.Blocks() as app:
+        image, text = ImageTab(manager), TextTab(manager)
+    bad_json = tmp_path / "bad.json"
+    bad_json.write_text('[{"instruction": "x",}]')
+    out = _handler(app, text.upload, "upload")(str(bad_json))
+    assert "bad.json: not valid JSON" in out[text.message] and out[text.upload] is None
+    assert not (manager.runs_root / "_uploads").exists()  # refused before anything was copied
+    (tmp_path / "cat.png").write_bytes(b"")
+    monkeypatch.setattr(datasets, "MAX_UPLOAD_FILES", 0)
+    out = _handler(app, image.upload, "upload")([str(tmp_path / "cat.png")])
+    assert "at most 0 per upload" in out[image.message] and out[image.upload] is None

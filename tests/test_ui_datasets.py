@@ -116,3 +116,11 @@ def test_names_in_other_scripts_stay_distinct_and_clashing_names_never_overwrite
              for image in result.images}
     assert pairs == {(255, 0, 0): "japan", (0, 0, 255): "china", (0, 128, 0): "smile", (255, 255, 255): "grin"}
     assert len(result.renamed) == 1 and "renamed" in result.summary()
+
+
+def test_a_broken_zip_is_rejected_and_the_rest_of_the_upload_kept(tmp_path: Path) -> None:
+    (tmp_path / "broken.zip").write_bytes(b"PK not really a zip")
+    (tmp_path / "cat.png").write_bytes(_png())
+    result = datasets.import_uploads([str(tmp_path / "broken.zip"), str(tmp_path / "cat.png")], tmp_path / "dest")
+    assert result.images == ["cat.png"]
+    assert result.rejected == [("broken.zip", "not a valid zip file; re-create it or upload the images directly")]

@@ -162,9 +162,8 @@ def _unused(target: PurePosixPath, taken: set[PurePosixPath]) -> PurePosixPath:
 def _zip_entries(path: Path, shown: str) -> list[_Entry]:
     try:
         archive = zipfile.ZipFile(path)
-    except zipfile.BadZipFile:
-        raise DatasetError(f"{shown} is not a valid zip file; re-create it or upload the images directly") \
-            from None
+    except zipfile.BadZipFile:  # refused like a bad image: the other files of the upload are still imported
+        return [_Entry(shown, None, reason="not a valid zip file; re-create it or upload the images directly")]
     entries: list[_Entry] = []
     with archive:
         for info in archive.infolist():

@@ -179,7 +179,8 @@ class ImageTab(FormTab):
         inputs = set(f.values())
         self.demo_model.click(None, None, f["model.path"], js=f"() => {DEMO_MODEL!r}")  # instant, in the browser
         self.demo_data.click(guarded(msg)(self.create_demo_dataset), None, {msg, f["dataset.path"]})
-        self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
+        self.upload.upload(guarded(msg, reset={self.upload: None})(self.import_upload), self.upload,
+                           {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS])
         self.lint_button.click(guarded(msg)(self.lint), inputs, {msg, self.report})

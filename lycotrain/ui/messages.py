@@ -36,8 +36,11 @@ def success_html(text: str) -> str:
     return _box("success", text, "#16a34a", "#f0fdf4")
 
 
-def guarded(message_box: gr.components.Component) -> Callable:
-    """Wrap a handler that returns ``{component: value}``: on failure only ``message_box`` is updated."""
+def guarded(message_box: gr.components.Component, reset: dict[gr.components.Component, Any] | None = None) \
+        -> Callable:
+    """Wrap a handler that returns ``{component: value}``: on failure ``message_box`` shows why and the ``reset``
+    outputs take their given values (e.g. an upload box emptied, so that the next upload is not refused with
+    the file that just failed)."""
 
     def decorate(handler: Callable[..., dict]) -> Callable[..., dict]:
         @functools.wraps(handler)
@@ -45,11 +48,11 @@ def guarded(message_box: gr.components.Component) -> Callable:
             try:
                 return handler(*args)
             except LycotrainError as exc:
-                return {message_box: error_html(str(exc))}
+                return {**(reset or {}), message_box: error_html(str(exc))}
             except Exception as exc:  # noqa: BLE001 - the page must stay usable whatever happens
                 traceback.print_exc(file=sys.stderr)
-                return {message_box: error_html(f"unexpected error ({type(exc).__name__}): {exc}. "
-                                                "The details are in the app's terminal.")}
+                return {**(reset or {}), message_box: error_html(f"unexpected error ({type(exc).__name__}): {exc}. "
+                                                                 "The details are in the app's terminal.")}
 
         return wrapper
 

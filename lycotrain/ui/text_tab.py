@@ -151,7 +151,8 @@ class TextTab(FormTab):
     def wire(self) -> None:
         f, msg = self.form, self.message
         self.demo_model.click(None, None, f["model.path"], js=f"() => {DEMO_LM!r}")  # instant, in the browser
-        self.upload.upload(guarded(msg)(self.import_upload), self.upload, {msg, f["dataset.path"], self.upload})
+        self.upload.upload(guarded(msg, reset={self.upload: None})(self.import_upload), self.upload,
+                           {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS] + [self.experts_refresh])
         self.experts_refresh.click(lambda: gr.update(choices=self.expert_choices()), None, f["network.experts"])
@@ -197,9 +198,9 @@ class TextTab(FormTab):
         name = sanitize_name(Path(file).name)
         if Path(name).suffix.lower() not in TEXT_EXTENSIONS:
             raise DatasetError(f"{name}: a text dataset must be .json, .jsonl or .txt")
+        check_text_dataset(Path(file))  # before copying: a refused file leaves no upload folder behind
         target = new_upload_folder(self.uploads, "text") / name
         shutil.copyfile(file, target)
-        check_text_dataset(target)
         return {self.message: success_html(f"Dataset saved as {target}."), self.form["dataset.path"]: str(target),
                 self.upload: None}
 

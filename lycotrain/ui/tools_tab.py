@@ -4,7 +4,6 @@ child process; the page shows the command, its output and the files it wrote."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any, Callable
 
@@ -83,8 +82,7 @@ class ToolsTab:
 
     def guarded(self, handler: Callable[[dict[Any, Any]], dict]) -> Callable[[dict[Any, Any]], dict]:
         """A failure shows its message and clears the output and files, which belonged to the previous tool run."""
-        safe = guarded(self.message)(handler)
-        return functools.wraps(handler)(lambda data: {self.output: "", self.files: None, **safe(data)})
+        return guarded(self.message, reset={self.output: "", self.files: None})(handler)
 
     def _model(self, data: dict[Any, Any], why: str) -> str:
         model = (data[self.model] or "").strip()

@@ -155,3 +155,29 @@ def test_a_failed_upload_empties_the_upload_box(tmp_path: Path, monkeypatch) -> 
     monkeypatch.setattr(datasets, "MAX_UPLOAD_FILES", 0)
     out = _handler(app, image.upload, "upload")([str(tmp_path / "cat.png")])
     assert "at most 0 per upload" in out[image.message] and out[image.upload] is None
+
+
+def test_caption_editor_never_drops_an_edit_that_was_not_saved(tmp_path: Path) -> None:
+    """Clicking another image or reloading the gallery threw the typed caption away; after a reload, Save wrote
+    the emptied box over the previously selected image's caption."""
+    from PIL import Image
+
+    from lycotrain.ui.image_tab import ImageTab
+
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for name in ("a", "b"):
+        Image.new("RGB", (8, 8)).save(folder / f"{name}.png")
+        (folder / f"{name}.txt").write_text(f"caption {name}")
+    with gr.Blocks():
+        tab = ImageTab(JobManager(tmp_path / "runs"))
+    paths = [str(folder / "a.png"), str(folder / "b.png")]
+    out = tab.select_caption(paths, ".txt", paths[0], "edited a", gr.SelectData(None, {"index": 1, "value": None}))
+    assert (folder / "a.txt").read_text() == "edited a\n" and "Saved your edit of a.txt" in out[tab.message]
+    assert out[tab.caption_selected] == paths[1] and out[tab.caption_text] == "caption b"
+    out = tab.load_captions(str(folder), ".txt", paths[1], "edited b")
+    assert (folder / "b.txt").read_text() == "edited b\n" and out[tab.caption_selected] is None
+    out = tab.bulk_replace(str(folder), ".txt", "edited", "new", paths[0], "edited a, again")
+    assert (folder / "a.txt").read_text() == "new a, again\n" and out[tab.caption_text] == "new a, again"
+    untouched = tab.select_caption(paths, ".txt", paths[1], "new b", gr.SelectData(None, {"index": 0, "value": None}))
+    assert untouched[tab.message] == ""  # nothing typed: nothing saved, no message

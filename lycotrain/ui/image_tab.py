@@ -186,16 +186,20 @@ class ImageTab(FormTab):
         self.lint_button.click(guarded(msg)(self.lint), inputs, {msg, self.report})
         self.wire_form()
         ext = f["dataset.caption_extension"]
-        self.caption_load.click(guarded(msg)(self.load_captions), [f["dataset.path"], ext],
-                                {msg, self.caption_gallery, self.caption_paths, self.caption_text})
-        self.caption_gallery.select(self.select_caption, [self.caption_paths, ext],
-                                    [self.caption_selected, self.caption_text])
+        editing = [self.caption_selected, self.caption_text]  # every caption action first keeps a pending edit
+        self.caption_load.click(guarded(msg)(self.load_captions), [f["dataset.path"], ext, *editing],
+                                {msg, self.caption_gallery, self.caption_paths, self.caption_selected,
+                                 self.caption_text})
+        self.caption_gallery.select(guarded(msg)(self.select_caption), [self.caption_paths, ext, *editing],
+                                    {msg, self.caption_selected, self.caption_text})
         self.caption_save.click(guarded(msg)(self.save_caption), [self.caption_selected, ext, self.caption_text],
                                 {msg})
-        self.caption_prefix_apply.click(guarded(msg)(self.bulk_prefix), [f["dataset.path"], ext,
-                                                                         self.caption_prefix], {msg})
+        self.caption_prefix_apply.click(guarded(msg)(self.bulk_prefix),
+                                        [f["dataset.path"], ext, self.caption_prefix, *editing],
+                                        {msg, self.caption_text})
         self.caption_replace_apply.click(guarded(msg)(self.bulk_replace),
-                                         [f["dataset.path"], ext, self.caption_find, self.caption_replace], {msg})
+                                         [f["dataset.path"], ext, self.caption_find, self.caption_replace, *editing],
+                                         {msg, self.caption_text})
 
     def show_method_params(self, method: str) -> list[dict]:
         shown = METHOD_PARAMS.get(method, ())
@@ -233,21 +237,32 @@ class ImageTab(FormTab):
         return {self.message: "", self.report: f"**{verdict}**\n\n```\n{result.stdout.strip()}\n```"}
 
     # ---- caption editor ----------------------------------------------------------------------------------
-    def load_captions(self, folder: str, extension: str) -> dict:
+    @staticmethod
+    def keep_edit(image: str | None, extension: str, text: str) -> str:
+        """Save the caption box when it differs from the selected image's caption file (an edit not saved yet,
+        which switching images or reloading would throw away); returns what was done, for the message."""
+        if not image or not Path(image).is_file() or text.strip() == datasets.read_caption(Path(image), extension):
+            return ""
+        return f"Saved your edit of {datasets.save_caption(Path(image), extension, text).name}. "
+
+    def load_captions(self, folder: str, extension: str, image: str | None, text: str) -> dict:
+        kept = self.keep_edit(image, extension, text)
         images = datasets.list_images(folder)
         if not images:
             raise DatasetError(f"dataset.path: no images in {folder}; add .png/.jpg/.webp files or upload them")
         shown = images[:MAX_GALLERY]
         items = [(thumbnail(p), datasets.read_caption(p, extension)[:60]) for p in shown]
         more = f" (showing the first {MAX_GALLERY})" if len(images) > MAX_GALLERY else ""
-        return {self.message: notice_html(f"{len(images)} image(s){more}. Click one to edit its caption."),
-                self.caption_gallery: items, self.caption_paths: [str(p) for p in shown], self.caption_text: ""}
+        return {self.message: notice_html(f"{kept}{len(images)} image(s){more}. Click one to edit its caption."),
+                self.caption_gallery: items, self.caption_paths: [str(p) for p in shown],
+                self.caption_selected: None, self.caption_text: ""}
 
-    def select_caption(self, paths: list[str], extension: str, event: gr.SelectData) -> tuple[str | None, str]:
-        if event.index is None or event.index >= len(paths):
-            return None, ""
-        path = paths[event.index]
-        return path, datasets.read_caption(Path(path), extension)
+    def select_caption(self, paths: list[str], extension: str, image: str | None, text: str,
+                       event: gr.SelectData) -> dict:
+        kept = self.keep_edit(image, extension, text)
+        selected = paths[event.index] if event.index is not None and event.index < len(paths) else None
+        return {self.message: success_html(kept) if kept else "", self.caption_selected: selected,
+                self.caption_text: datasets.read_caption(Path(selected), extension) if selected else ""}
 
     def save_caption(self, image: str | None, extension: str, text: str) -> dict:
         if not image:
@@ -255,10 +270,15 @@ class ImageTab(FormTab):
         path = datasets.save_caption(Path(image), extension, text)
         return {self.message: success_html(f"Saved {path.name}.")}
 
-    def bulk_prefix(self, folder: str, extension: str, prefix: str) -> dict:
+    def bulk_prefix(self, folder: str, extension: str, prefix: str, image: str | None, text: str) -> dict:
+        kept = self.keep_edit(image, extension, text)
         changed = datasets.add_prefix(folder, extension, prefix)
-        return {self.message: success_html(f"Added “{prefix.strip()}” to {changed} caption(s).")}
+        return {self.message: success_html(f"{kept}Added “{prefix.strip()}” to {changed} caption(s)."),
+                self.caption_text: datasets.read_caption(Path(image), extension) if image else text}
 
-    def bulk_replace(self, folder: str, extension: str, find: str, replace: str) -> dict:
+    def bulk_replace(self, folder: str, extension: str, find: str, replace: str, image: str | None,
+                     text: str) -> dict:
+        kept = self.keep_edit(image, extension, text)
         changed = datasets.find_replace(folder, extension, find, replace)
-        return {self.message: success_html(f"Replaced “{find}” in {changed} caption(s).")}
+        return {self.message: success_html(f"{kept}Replaced “{find}” in {changed} caption(s)."),
+                self.caption_text: datasets.read_caption(Path(image), extension) if image else text}

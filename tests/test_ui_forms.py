@@ -114,3 +114,31 @@ def test_both_tabs_offer_tensorboard_logging(tmp_path: Path, tab_name: str) -> N
     data[tab.form["model.path"]], data[box] = "builtin:tiny-llama" if tab_name == "text" else "builtin:tiny-sd1", True
     data[tab.form["dataset.path"]] = str(tmp_path)
     assert tab.config(data).save.tensorboard is True
+
+
+def test_saving_over_a_preset_asks_first_and_a_new_page_lists_presets_saved_since_start(tmp_path: Path,
+                                                                                        monkeypatch) -> None:
+    """Save preset replaced an existing preset of the same name without a word, and the picker only ever listed
+    the presets that existed when the app started."""
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui.app import build_app
+    from lycotrain.ui.image_tab import ImageTab
+
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path))
+    manager = JobManager(tmp_path / "runs")
+    app = build_app(manager)
+    with gr.Blocks():
+        tab = ImageTab(manager)
+    data = {component: component.value for component in tab.form.values()}
+    data.update({tab.preset_name: "mine", tab.preset_replace: "", tab.form["network.rank"]: 4})
+    first = tab.save_preset(data)
+    path = tmp_path / "presets" / "mine.toml"
+    assert "Saved preset" in first[tab.message] and "rank = 4" in path.read_text()
+    data[tab.form["network.rank"]] = 16
+    warned = tab.save_preset(data)
+    assert "already exists" in warned[tab.message] and "rank = 4" in path.read_text()  # not replaced yet
+    data[tab.preset_replace] = warned[tab.preset_replace]
+    assert "Saved preset" in tab.save_preset(data)[tab.message] and "rank = 16" in path.read_text()
+    on_load = {f.fn.__self__.task: f.fn for f in app.fns.values() if any(event == "load" for _, event in f.targets)}
+    assert ("mine (mine)", str(path)) in on_load["image"]()["choices"]
+    assert str(path) not in [value for _, value in on_load["text"]()["choices"]]

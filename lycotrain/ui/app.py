@@ -27,11 +27,13 @@ def build_app(manager: JobManager) -> gr.Blocks:
         gr.Markdown("## lycotrain — adapters for Stable Diffusion and language models")
         with gr.Tabs():
             with gr.Tab("Image", id="image", elem_id="tab-image"):
-                ImageTab(manager)
+                image = ImageTab(manager)
             with gr.Tab("Text", id="text", elem_id="tab-text"):
-                TextTab(manager)
+                text = TextTab(manager)
             with gr.Tab("Tools", id="tools", elem_id="tab-tools"):
                 ToolsTab(manager)
+        for tab in (image, text):
+            app.load(tab.preset_choices, None, tab.preset_picker, queue=False)
     return app
 
 

@@ -17,8 +17,8 @@ from lycotrain.jobs import JobManager
 from lycotrain.ui.datasets import display_name
 from lycotrain.ui.forms import Form, config_to_values, keep_method_params, values_to_config
 from lycotrain.ui.live import LiveView
-from lycotrain.ui.messages import guarded, success_html
-from lycotrain.ui.presets import list_presets, save_preset
+from lycotrain.ui.messages import guarded, notice_html, success_html
+from lycotrain.ui.presets import list_presets, preset_path, save_preset
 
 
 class FormTab:
@@ -53,8 +53,9 @@ class FormTab:
         inputs = set(f.values())
         self.cli_button.click(guarded(msg)(self.show_cli), inputs, {msg, self.cli_command})
         self.preset_load.click(guarded(msg)(self.load_preset), inputs | {self.preset_picker}, {msg, *f.values()})
-        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name},
-                               {msg, self.preset_picker})
+        self.preset_replace = gr.State("")  # the preset file the user was warned about: a second press replaces it
+        self.preset_save.click(guarded(msg)(self.save_preset), inputs | {self.preset_name, self.preset_replace},
+                               {msg, self.preset_picker, self.preset_replace})
         self.start_button.click(guarded(msg)(self.start), inputs, {msg, self.live.job_id, self.live.rendered})
 
     # ---- form <-> config --------------------------------------------------------------------------------------
@@ -93,6 +94,16 @@ class FormTab:
                 **{self.form[k]: v for k, v in values.items() if k not in keep}}
 
     def save_preset(self, data: dict[Any, Any]) -> dict:
-        path = save_preset(self.config(data), data[self.preset_name])
-        return {self.message: success_html(f"Saved preset {path}."),
+        """Save the form as a preset; an existing preset of that name is replaced only on a second press."""
+        config, path = self.config(data), preset_path(data[self.preset_name])
+        if path.exists() and data[self.preset_replace] != str(path):
+            return {self.message: notice_html(f"A preset named “{path.stem}” already exists ({path}). Press “Save "
+                                              "preset” again to replace it, or type another name."),
+                    self.preset_replace: str(path)}
+        save_preset(config, data[self.preset_name])
+        return {self.message: success_html(f"Saved preset {path}."), self.preset_replace: "",
                 self.preset_picker: gr.update(choices=list_presets(self.task), value=str(path))}
+
+    def preset_choices(self) -> dict:
+        """The presets on disk now (a page built at start-up would not list the ones saved since)."""
+        return gr.update(choices=list_presets(self.task))

@@ -39,12 +39,17 @@ def list_presets(task: str) -> list[tuple[str, str]]:
     return found
 
 
-def save_preset(config: Config, name: str) -> Path:
-    """Write the settings that differ from the defaults (no run folder) as ``<name>.toml``."""
+def preset_path(name: str) -> Path:
+    """Where the user's preset ``name`` is saved."""
     if not name.strip():
         raise ConfigError("preset name is empty; type a name for the preset")
+    return user_presets_dir() / f"{sanitize_name(name.strip()).removesuffix('.toml')}.toml"
+
+
+def save_preset(config: Config, name: str) -> Path:
+    """Write the settings that differ from the defaults (no run folder) as ``<name>.toml``."""
     data = config.to_dict(only_changed=True)
     data.pop("run_dir", None)
-    path = user_presets_dir() / f"{sanitize_name(name.strip()).removesuffix('.toml')}.toml"
+    path = preset_path(name)
     atomic_write_text(path, tomli_w.dumps({"task": config.task, **data}))
     return path

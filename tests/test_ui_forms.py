@@ -142,3 +142,21 @@ def test_saving_over_a_preset_asks_first_and_a_new_page_lists_presets_saved_sinc
     on_load = {f.fn.__self__.task: f.fn for f in app.fns.values() if any(event == "load" for _, event in f.targets)}
     assert ("mine (mine)", str(path)) in on_load["image"]()["choices"]
     assert str(path) not in [value for _, value in on_load["text"]()["choices"]]
+
+
+def test_the_cli_command_shown_names_a_run_folder(tmp_path: Path) -> None:
+    """The command lacked run_dir, and `lycotrain train` refused it: "run_dir is empty"."""
+    import shlex
+
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui.image_tab import ImageTab
+
+    with gr.Blocks():
+        tab = ImageTab(JobManager(tmp_path / "runs"))
+    data = {component: component.value for component in tab.form.values()}
+    data.update({tab.form["model.path"]: "builtin:tiny-sd1", tab.form["dataset.path"]: "/data/my set",
+                 tab.form["save.output_name"]: "mön lora 1"})
+    words = shlex.split(tab.show_cli(data)[tab.cli_command])
+    assert words[:2] == ["lycotrain", "train"] and words[2::2] == ["--set"] * (len(words) // 2 - 1)
+    config = load_config(None, words[3::2])
+    assert config.run_dir == "runs/mön lora 1" and config.save.output_name == "mön lora 1"

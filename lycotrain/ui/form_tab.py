@@ -14,7 +14,7 @@ import gradio as gr
 from lycotrain.engine.config import Config, config_to_cli, load_config
 from lycotrain.errors import DatasetError
 from lycotrain.jobs import JobManager
-from lycotrain.ui.datasets import display_name
+from lycotrain.ui.datasets import display_name, sanitize_name
 from lycotrain.ui.forms import Form, config_to_values, keep_method_params, values_to_config
 from lycotrain.ui.live import LiveView
 from lycotrain.ui.messages import guarded, notice_html, success_html
@@ -70,10 +70,14 @@ class FormTab:
         return config_to_values(config, list(self.form))
 
     # ---- handlers -----------------------------------------------------------------------------------------
+    @staticmethod
+    def run_name(config: Config) -> str:
+        return config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
+
     def start(self, data: dict[Any, Any]) -> dict:
         config = self.config(data)
         self.check_inputs(config)
-        name = config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
+        name = self.run_name(config)
         run_dir = self.manager.new_run_dir(name)
         record = self.manager.submit(run_dir, self.config(data, str(run_dir)).to_toml(), task=self.task, name=name)
         where = "started" if record.state == "running" else "queued (another run is in progress)"
@@ -82,7 +86,9 @@ class FormTab:
                 self.live.job_id: job_id, self.live.rendered: rendered}
 
     def show_cli(self, data: dict[Any, Any]) -> dict:
-        return {self.message: "", self.cli_command: config_to_cli(self.config(data))}
+        """The command with a run folder under ``runs/`` of the terminal's folder (a run needs one to write to)."""
+        run_dir = f"runs/{sanitize_name(self.run_name(self.config(data)))}"
+        return {self.message: "", self.cli_command: config_to_cli(self.config(data, run_dir))}
 
     def load_preset(self, data: dict[Any, Any]) -> dict:
         path = data[self.preset_picker]

@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 
 from lycotrain.engine.config import load_config
-from lycotrain.errors import ConfigError
+from lycotrain.errors import ConfigError, DatasetError
 from lycotrain.ui import forms, presets
 from lycotrain.ui.image_tab import METHOD_PARAMS
 
@@ -160,3 +160,28 @@ def test_the_cli_command_shown_names_a_run_folder(tmp_path: Path) -> None:
     assert words[:2] == ["lycotrain", "train"] and words[2::2] == ["--set"] * (len(words) // 2 - 1)
     config = load_config(None, words[3::2])
     assert config.run_dir == "runs/mön lora 1" and config.save.output_name == "mön lora 1"
+
+
+def test_preflight_runs_without_a_model_and_a_failed_check_clears_the_old_report(tmp_path: Path,
+                                                                                 monkeypatch) -> None:
+    """The pre-flight button refused an empty model field, though only the memory estimate needs a model; and a
+    failed check left the previous dataset's report under its error as if it were this one's."""
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui import image_tab
+    from lycotrain.ui.runner import CliResult
+
+    answers = iter([CliResult([], 1, "Pre-flight report: 10 images", ""),
+                    CliResult(["lint"], 2, "", "error: No images found in /etc")])
+    monkeypatch.setattr(image_tab, "run_cli", lambda args, timeout_s=0: next(answers))
+    with gr.Blocks() as app:
+        tab = image_tab.ImageTab(JobManager(tmp_path / "runs"))
+    lint = next(f.fn for f in app.fns.values() if (tab.lint_button._id, "click") in f.targets)
+    data = {component: component.value for component in tab.form.values()}
+    data[tab.form["dataset.path"]] = str(tmp_path)
+    assert "10 images" in lint(data)[tab.report]
+    failed = lint(data)
+    assert "No images found" in failed[tab.message] and failed[tab.report] == ""
+    (tmp_path / "notes.txt").write_text("")
+    data[tab.form["dataset.path"]] = str(tmp_path / "notes.txt")
+    with pytest.raises(DatasetError, match="is a file; enter the folder"):
+        image_tab.check_paths(tab.config({**data, tab.form["model.path"]: "builtin:tiny-sd1"}))

@@ -57,6 +57,11 @@ def check_paths(config: Config) -> None:
     if not model.startswith("builtin:") and not Path(model).exists():
         raise ModelError(f"model.path: {model} does not exist on the server; enter a diffusers folder or a "
                          ".safetensors checkpoint")
+    check_dataset_path(config)
+
+
+def check_dataset_path(config: Config) -> None:
+    """The dataset alone: all the pre-flight report needs (without a model it only leaves out the memory)."""
     dataset = config.dataset.path.strip()
     if not dataset:
         raise DatasetError("dataset.path is empty; enter an image folder on the server, upload images, or press "
@@ -64,6 +69,9 @@ def check_paths(config: Config) -> None:
     if not Path(dataset).exists():
         raise DatasetError(f"dataset.path: {dataset} does not exist on the server; enter an existing folder or "
                            "upload images")
+    if Path(dataset).is_file() and Path(dataset).suffix.lower() != ".toml":
+        raise DatasetError(f"dataset.path: {dataset} is a file; enter the folder that holds the images (or a "
+                           "dataset .toml)")
 
 
 def thumbnail(path: Path, size: int = 192) -> Image.Image:
@@ -183,7 +191,7 @@ class ImageTab(FormTab):
                            {msg, f["dataset.path"], self.upload})
         f["network.method"].change(self.show_method_params, f["network.method"],
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS])
-        self.lint_button.click(guarded(msg)(self.lint), inputs, {msg, self.report})
+        self.lint_button.click(guarded(msg, reset={self.report: ""})(self.lint), inputs, {msg, self.report})
         self.wire_form()
         ext = f["dataset.caption_extension"]
         editing = [self.caption_selected, self.caption_text]  # every caption action first keeps a pending edit
@@ -224,9 +232,10 @@ class ImageTab(FormTab):
         return out
 
     def lint(self, data: dict[Any, Any]) -> dict:
-        """The pre-flight report with the step arithmetic, from ``lycotrain lint`` (it needs torch: a child)."""
+        """The pre-flight report with the step arithmetic, from ``lycotrain lint`` (it needs torch: a child); the
+        memory estimate is part of it when a model is given. A failure clears the report of the previous check."""
         config = self.config(data)
-        check_paths(config)
+        check_dataset_path(config)
         with tempfile.TemporaryDirectory(prefix="lycotrain-lint-") as folder:  # the child reads it, then it goes
             config_path = Path(folder) / "config.toml"
             config.write_toml(config_path)

@@ -124,3 +124,17 @@ def test_a_broken_zip_is_rejected_and_the_rest_of_the_upload_kept(tmp_path: Path
     result = datasets.import_uploads([str(tmp_path / "broken.zip"), str(tmp_path / "cat.png")], tmp_path / "dest")
     assert result.images == ["cat.png"]
     assert result.rejected == [("broken.zip", "not a valid zip file; re-create it or upload the images directly")]
+
+
+def test_an_empty_caption_extension_is_a_message_not_a_crash(tmp_path: Path) -> None:
+    """An emptied caption extension field crashed the caption editor and the run with "Invalid suffix '.'"."""
+    from lycotrain.engine.config import load_config
+    from lycotrain.errors import ConfigError
+
+    (tmp_path / "a.png").write_bytes(_png())
+    for extension in ("", " ", "."):
+        with pytest.raises(DatasetError, match="caption_extension is empty"):
+            datasets.read_caption(tmp_path / "a.png", extension)
+        with pytest.raises(ConfigError, match="dataset.caption_extension"):
+            load_config(None, ["run_dir=\"r\"", f"dataset.caption_extension=\"{extension}\""])
+    assert datasets.caption_path(tmp_path / "a.png", "caption") == tmp_path / "a.caption"

@@ -272,6 +272,9 @@ class Config:
         if n.method not in IMAGE_METHODS:
             raise ConfigError(f"network.method = {n.method!r} is a text method; for task = \"image\" choose one "
                               f"of {', '.join(IMAGE_METHODS)}")
+        if not d.caption_extension.strip().strip("."):
+            raise ConfigError(f"dataset.caption_extension = {d.caption_extension!r} is empty; captions are read "
+                              "from IMAGE_NAME + this extension, e.g. \".txt\"")
         if not d.min_bucket_resolution <= d.resolution <= d.max_bucket_resolution:
             raise ConfigError(f"dataset.resolution ({d.resolution}) must lie between dataset.min_bucket_resolution "
                               f"({d.min_bucket_resolution}) and dataset.max_bucket_resolution "

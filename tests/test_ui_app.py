@@ -181,3 +181,18 @@ def test_caption_editor_never_drops_an_edit_that_was_not_saved(tmp_path: Path) -
     assert (folder / "a.txt").read_text() == "new a, again\n" and out[tab.caption_text] == "new a, again"
     untouched = tab.select_caption(paths, ".txt", paths[1], "new b", gr.SelectData(None, {"index": 0, "value": None}))
     assert untouched[tab.message] == ""  # nothing typed: nothing saved, no message
+
+
+def test_the_live_view_shows_the_dataset_problems_of_the_pre_flight(tmp_path: Path) -> None:
+    """A run whose images all lacked captions (wrong caption extension) trained without a word in the page: the
+    pre-flight event listed them, but the live view never read it."""
+    manager = JobManager(tmp_path / "runs")
+    record = _fake_run(manager)
+    with gr.Blocks():
+        view = live.LiveView(manager, "image")
+    first = view.refresh(None, {})
+    assert "pre-flight" not in first[4]
+    EventWriter(record.run_dir).emit("preflight", report={"missing_captions": [{"image": "a.png"}] * 10,
+                                                          "duplicates": [], "problem_count": 10})
+    messages = view.refresh(first[0], first[1])[4]  # a poll re-renders the messages when the report arrives
+    assert "10 image(s) without a caption file" in messages and "identical" not in messages

@@ -20,6 +20,15 @@ from lycotrain.ui.messages import error_html, notice_html
 
 MAX_PLOT_POINTS = 2000
 NOT_DOWNLOADS = ("checkpoint",)  # the training state is for resuming here, not a file to hand out
+# the image pre-flight report's problem lists (diffusion/lint.py), as the live view counts them
+PREFLIGHT_PROBLEMS = (("missing_captions", "image(s) without a caption file (trained with an empty caption or the "
+                                           "trigger word)"),
+                      ("empty_captions", "empty caption file(s)"),
+                      ("orphan_captions", "caption file(s) that no image reads"),
+                      ("unreadable", "unreadable image(s), skipped"),
+                      ("below_smallest_bucket", "image(s) smaller than their bucket (upscaled, blurry)"),
+                      ("starved_buckets", "bucket(s) with fewer images than the batch size"),
+                      ("duplicates", "group(s) of identical images"))
 STATE_WORDS = {"queued": "queued — waiting for the running job to end", "running": "running",
                "finished": "finished", "stopped": "stopped (checkpoint saved)", "failed": "failed",
                "cancelled": "cancelled before it started"}
@@ -56,6 +65,16 @@ def progress_html(record: JobRecord | None, view: RunView) -> str:
             f"<div class='lt-progress-text' style='margin-top:4px'>{' · '.join(parts)}</div></div>")
 
 
+def preflight_summary(report: dict[str, Any] | None) -> str:
+    """One line on the dataset problems the run's pre-flight report found (they are not warning events, and a
+    run whose captions were all missing trained on empty captions without a word in the page)."""
+    counts = [(len(report.get(key) or []), words) for key, words in PREFLIGHT_PROBLEMS] if report else []
+    found = [f"{count} {words}" for count, words in counts if count]
+    if not found:
+        return ""
+    return ("Dataset pre-flight: " + "; ".join(found) + ". “Check dataset (pre-flight report)” lists them.")
+
+
 def messages_html(record: JobRecord | None, view: RunView) -> str:
     """Warnings and errors of the run (the engine's user-facing messages; tracebacks stay in error.log)."""
     if record is None:
@@ -63,6 +82,8 @@ def messages_html(record: JobRecord | None, view: RunView) -> str:
     parts = [error_html(message) for message in view.errors]
     if record.error and record.error not in view.errors:
         parts.append(error_html(record.error))
+    if summary := preflight_summary(view.preflight):
+        parts.append(notice_html(summary))
     parts += [notice_html(message) for message in view.warnings[-20:]]
     return "".join(parts)
 
@@ -165,7 +186,8 @@ class LiveView:
         new = {"job": record.id if record else None, "runs": [(r.id, r.state) for r in records[:50]],
                "losses": len(view.losses), "previews": (len(view.previews), len(view.texts)),
                "outputs": sorted(view.outputs), "state": record.state if record else None, "ranks": len(view.ranks),
-               "messages": (len(view.warnings), len(view.errors), record.error if record else None)}
+               "messages": (len(view.warnings), len(view.errors), record.error if record else None,
+                            view.preflight is not None)}
         changed = {key for key in new if rendered.get(key) != new[key] or rendered.get("job") != new["job"]}
         choices = [(f"{r.name} — {r.state}", r.id) for r in records[:50]]
         picker = gr.update(choices=choices, value=new["job"]) if changed & {"runs", "job"} else gr.skip()

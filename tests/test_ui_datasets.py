@@ -41,7 +41,7 @@ def test_upload_keeps_images_and_their_captions_and_rejects_the_rest(tmp_path: P
     (src / "fake.png").write_text("this is text, not a png")
     dest = tmp_path / "dest"
     result = datasets.import_uploads([str(p) for p in sorted(src.iterdir())], dest)
-    assert result.images == ["cat.png"] and result.captions == ["cat.txt"]
+    assert result.images == ["cat.png"] and result.captions == ["cat.txt"] and not result.uncaptioned
     reasons = dict(result.rejected)
     assert "not a readable image" in reasons["fake.png"]
     assert "without an image" in reasons["notes.txt"]
@@ -138,3 +138,19 @@ def test_an_empty_caption_extension_is_a_message_not_a_crash(tmp_path: Path) -> 
         with pytest.raises(ConfigError, match="dataset.caption_extension"):
             load_config(None, ["run_dir=\"r\"", f"dataset.caption_extension=\"{extension}\""])
     assert datasets.caption_path(tmp_path / "a.png", "caption") == tmp_path / "a.caption"
+
+
+def test_a_zip_of_one_folder_is_trained_from_inside_that_folder(tmp_path: Path) -> None:
+    """A zipped folder unpacked to upload/<folder>/, and dataset.path named the upload folder, where the dataset
+    reader finds no images; an N_name repeat folder keeps its parent, which its repeats need."""
+    archive = tmp_path / "set.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("set/10_style/a.png", _png())
+        z.writestr("set/nocap.png", _png())
+    result = datasets.import_uploads([str(archive)], tmp_path / "one")
+    assert result.dataset_folder == tmp_path / "one" / "set" and f"`{tmp_path / 'one' / 'set'}`" in result.summary()
+    assert sorted(result.uncaptioned) == ["set/10_style/a.png", "set/nocap.png"]
+    assert "2 image(s) without a caption file" in result.summary()
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("10_style/a.png", _png())
+    assert datasets.import_uploads([str(archive)], tmp_path / "two").dataset_folder == tmp_path / "two"

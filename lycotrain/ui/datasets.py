@@ -25,6 +25,7 @@ from lycotrain.errors import DatasetError
 CAPTION_EXTENSIONS = (".txt", ".caption")
 MAX_UPLOAD_FILES = 20_000
 MAX_ENTRY_BYTES = 256 * 2**20  # a bigger "image" in a zip is refused unread (zip bombs)
+REPEAT_FOLDER_NAME = re.compile(r"^\d+_.")  # kohya's N_name folders: their repeats need them under dataset.path
 
 
 @dataclass
@@ -34,12 +35,29 @@ class ImportResult:
     captions: list[str] = field(default_factory=list)
     rejected: list[tuple[str, str]] = field(default_factory=list)  # (name as uploaded, reason)
     renamed: list[tuple[str, str]] = field(default_factory=list)  # (name as uploaded, name kept)
+    uncaptioned: list[str] = field(default_factory=list)  # kept images with no caption file in the upload
+
+    @property
+    def dataset_folder(self) -> Path:
+        """The folder to train on: a zip of one folder unpacks to ``folder/<its name>/...``, so go down while a
+        folder holds nothing but one sub-folder (never into an N_name repeat folder)."""
+        folder = self.folder
+        while len(entries := list(folder.iterdir())) == 1 and entries[0].is_dir() \
+                and not REPEAT_FOLDER_NAME.match(entries[0].name):
+            folder = entries[0]
+        return folder
 
     def summary(self) -> str:
-        lines = [f"Imported {len(self.images)} image(s) and {len(self.captions)} caption(s) into `{self.folder}`."]
+        lines = [f"Imported {len(self.images)} image(s) and {len(self.captions)} caption(s) into "
+                 f"`{self.dataset_folder if self.images else self.folder}`."]
         lines += [f"- renamed `{name}` to `{kept}`: another uploaded file has the same name"
                   for name, kept in self.renamed]
         lines += [f"- rejected `{name}`: {reason}" for name, reason in self.rejected]
+        if self.uncaptioned:
+            shown = ", ".join(f"`{name}`" for name in self.uncaptioned[:10])
+            more = f" and {len(self.uncaptioned) - 10} more" if len(self.uncaptioned) > 10 else ""
+            lines.append(f"- {len(self.uncaptioned)} image(s) without a caption file: {shown}{more} (they train with "
+                         "an empty caption or the trigger word; add captions in the caption editor)")
         return "\n".join(lines)
 
 
@@ -147,6 +165,8 @@ def import_uploads(paths: list[str], dest: Path) -> ImportResult:
         target = _unused(stem.with_name(stem.name + entry.target.suffix), taken)
         atomic_write_bytes(dest / target, entry.data)
         result.captions.append(str(target))
+    captioned = {PurePosixPath(caption).with_suffix("") for caption in result.captions}
+    result.uncaptioned = [image for image in result.images if PurePosixPath(image).with_suffix("") not in captioned]
     return result
 
 

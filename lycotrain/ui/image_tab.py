@@ -225,10 +225,11 @@ class ImageTab(FormTab):
         if not files:
             return {self.message: ""}
         result = datasets.import_uploads(files, datasets.new_upload_folder(self.uploads))
-        box = error_html if not result.images else (notice_html if result.rejected else success_html)
+        box = error_html if not result.images else (notice_html if result.rejected or result.uncaptioned
+                                                    else success_html)
         out = {self.message: box(result.summary()), self.upload: None}
         if result.images:
-            out[self.form["dataset.path"]] = str(result.folder)
+            out[self.form["dataset.path"]] = str(result.dataset_folder)
         return out
 
     def lint(self, data: dict[Any, Any]) -> dict:

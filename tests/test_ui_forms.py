@@ -9,7 +9,7 @@ import gradio as gr
 import pytest
 
 from lycotrain.engine.config import load_config
-from lycotrain.errors import ConfigError, DatasetError
+from lycotrain.errors import ConfigError, DatasetError, LycotrainError
 from lycotrain.ui import forms, presets
 from lycotrain.ui.image_tab import METHOD_PARAMS
 
@@ -185,3 +185,29 @@ def test_preflight_runs_without_a_model_and_a_failed_check_clears_the_old_report
     data[tab.form["dataset.path"]] = str(tmp_path / "notes.txt")
     with pytest.raises(DatasetError, match="is a file; enter the folder"):
         image_tab.check_paths(tab.config({**data, tab.form["model.path"]: "builtin:tiny-sd1"}))
+
+
+def test_start_pressed_twice_queues_one_run(tmp_path: Path) -> None:
+    """A double click on Start queued the same training twice."""
+    import sys
+
+    from lycotrain.jobs import JobManager
+    from lycotrain.ui.text_tab import TextTab
+
+    manager = JobManager(tmp_path / "runs", command=lambda config: [sys.executable, "-c", "import time; "
+                                                                    "time.sleep(60)"])
+    with gr.Blocks():
+        tab = TextTab(manager)
+    (tmp_path / "data.jsonl").write_text('{"instruction": "a", "output": "b"}\n')
+    data = {component: component.value for component in tab.form.values()}
+    data.update({tab.form["model.path"]: "builtin:tiny-llama", tab.form["dataset.path"]: str(tmp_path / "data.jsonl")})
+    try:
+        assert "started" in tab.start(data)[tab.message]
+        with pytest.raises(LycotrainError, match="the same run, lora-data, is already running"):
+            tab.start(data)
+        data[tab.form["training.lr"]] = 2e-4  # another setting: another run, queued
+        assert "queued" in tab.start(data)[tab.message]
+        assert len(manager.list("text")) == 2
+    finally:
+        for record in manager.list("text"):
+            manager.stop(record.id)

@@ -12,8 +12,8 @@ from typing import Any, ClassVar
 import gradio as gr
 
 from lycotrain.engine.config import Config, config_to_cli, load_config
-from lycotrain.errors import DatasetError
-from lycotrain.jobs import JobManager
+from lycotrain.errors import DatasetError, LycotrainError
+from lycotrain.jobs import JobManager, JobRecord
 from lycotrain.ui.datasets import display_name, sanitize_name
 from lycotrain.ui.forms import Form, config_to_values, keep_method_params, values_to_config
 from lycotrain.ui.live import LiveView
@@ -74,9 +74,27 @@ class FormTab:
     def run_name(config: Config) -> str:
         return config.save.output_name or f"{config.network.method}-{display_name(config.dataset.path)}"
 
+    def live_twin(self, config: Config) -> JobRecord | None:
+        """A queued or running job of this tab with the very same settings (a double click on Start queued the
+        same training twice)."""
+        wanted = {**config.to_dict(), "run_dir": ""}
+        for record in self.manager.list(self.task):
+            if not record.live:
+                continue
+            try:
+                other = load_config(Path(record.run_dir) / "config.toml").to_dict()
+            except LycotrainError:
+                continue
+            if {**other, "run_dir": ""} == wanted:
+                return record
+        return None
+
     def start(self, data: dict[Any, Any]) -> dict:
         config = self.config(data)
         self.check_inputs(config)
+        if twin := self.live_twin(config):
+            raise LycotrainError(f"the same run, {twin.name}, is already {twin.state} ({twin.run_dir}); change a "
+                                 "setting to start another one, or Stop it first")
         name = self.run_name(config)
         run_dir = self.manager.new_run_dir(name)
         record = self.manager.submit(run_dir, self.config(data, str(run_dir)).to_toml(), task=self.task, name=name)

@@ -121,8 +121,8 @@ class FormTab:
         """Save the form as a preset; an existing preset of that name is replaced only on a second press."""
         config, path = self.config(data), preset_path(data[self.preset_name])
         if path.exists() and data[self.preset_replace] != str(path):
-            return {self.message: notice_html(f"A preset named “{path.stem}” already exists ({path}). Press “Save "
-                                              "preset” again to replace it, or type another name."),
+            return {self.message: notice_html(f"A preset named “{path.stem}” already exists ({path}). Press "
+                                              "“Save preset” again to replace it, or type another name."),
                     self.preset_replace: str(path)}
         save_preset(config, data[self.preset_name])
         return {self.message: success_html(f"Saved preset {path}."), self.preset_replace: "",

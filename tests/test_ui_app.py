@@ -196,3 +196,31 @@ def test_the_live_view_shows_the_dataset_problems_of_the_pre_flight(tmp_path: Pa
                                                           "duplicates": [], "problem_count": 10})
     messages = view.refresh(first[0], first[1])[4]  # a poll re-renders the messages when the report arrives
     assert "10 image(s) without a caption file" in messages and "identical" not in messages
+
+
+def test_out_of_range_numbers_get_a_message_naming_the_field(tmp_path: Path) -> None:
+    """With the widgets' own minimum, rank 0 only showed "Error" in the outputs, over the previous results."""
+    from lycotrain.ui.text_tab import TextTab
+    from lycotrain.ui.tools_tab import ToolsTab
+
+    manager = JobManager(tmp_path / "runs")
+    with gr.Blocks() as app:
+        tools, text = ToolsTab(manager), TextTab(manager)
+    adapter = tmp_path / "a.safetensors"
+    adapter.write_bytes(b"")
+    data = {tools.upload: None, tools.path: str(adapter), tools.model: "builtin:tiny-sd1", tools.family: "auto"}
+    for button, field, key in ((tools.extract_button, tools.extract_rank, "LoRA rank"),
+                               (tools.resize_button, tools.resize_rank, "new rank")):
+        assert field.minimum is None
+        out = _handler(app, button, "click")({**data, field: 0})
+        assert f"{key} = 0 is out of range" in out[tools.message]
+        assert out[tools.output] == "" and out[tools.files] is None
+    record = _fake_run(manager, state="finished")
+    generate = _handler(app, text.gen_button, "click")
+    for tokens in (0, 4096):
+        out = generate({text.gen_prompt: "hi", text.gen_tokens: tokens, text.live.job_id: record.id})
+        assert f"max new tokens = {tokens} is out of range; allowed: 1..2048" in out[text.message]
+        assert out[text.gen_base] == "" and out[text.gen_adapted] == ""
+    running = _fake_run(manager, state="running")
+    out = generate({text.gen_prompt: "hi", text.gen_tokens: 8, text.live.job_id: running.id})
+    assert "is running; its adapter exists once it has finished" in out[text.message]

@@ -59,6 +59,16 @@ def widget(key: str, label: str | None = None, *, prefix: str = "", **kwargs: An
     return gr.Textbox(value=default, **common)
 
 
+def whole_number(value: float | None, default: int, field: str, low: int = 1, high: int | None = None) -> int:
+    """A whole-number field's value (empty: ``default``), range-checked here rather than by the widget's
+    minimum/maximum: Gradio's own check shows only "Error" in the outputs and leaves the previous results."""
+    number = default if value is None else int(value)
+    if number < low or (high is not None and number > high):
+        allowed = f"{low}..{high}" if high is not None else f">= {low}"
+        raise ConfigError(f"{field} = {number} is out of range; allowed: {allowed}")
+    return number
+
+
 def element_id(prefix: str, key: str) -> str:
     return "-".join(filter(None, (prefix, key.replace(".", "-").replace("_", "-"))))
 

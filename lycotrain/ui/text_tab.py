@@ -18,7 +18,7 @@ from lycotrain.errors import DatasetError, LycotrainError, ModelError
 from lycotrain.jobs import JobManager
 from lycotrain.ui.datasets import new_upload_folder, sanitize_name
 from lycotrain.ui.form_tab import FormTab
-from lycotrain.ui.forms import method_param_names, prompt_widgets, widget
+from lycotrain.ui.forms import method_param_names, prompt_widgets, whole_number, widget
 from lycotrain.ui.live import LiveView
 from lycotrain.ui.messages import guarded, success_html
 from lycotrain.ui.presets import list_presets
@@ -138,8 +138,7 @@ class TextTab(FormTab):
                 with gr.Accordion("Try it: base vs adapted", open=True):
                     self.gen_prompt = gr.Textbox(label="prompt", lines=2, elem_id="text-gen-prompt")
                     with gr.Row():
-                        self.gen_tokens = gr.Number(label="max new tokens", value=32, precision=0, minimum=1,
-                                                    maximum=2048)
+                        self.gen_tokens = gr.Number(label="max new tokens", value=32, precision=0)
                         self.gen_button = gr.Button("Generate", elem_id="text-generate")
                     with gr.Row():
                         self.gen_base = gr.Textbox(label="base model", lines=4, interactive=False,
@@ -157,7 +156,7 @@ class TextTab(FormTab):
                                    [f[f"network.{name}"] for name in ALL_METHOD_PARAMS] + [self.experts_refresh])
         self.experts_refresh.click(lambda: gr.update(choices=self.expert_choices()), None, f["network.experts"])
         self.wire_form()
-        self.gen_button.click(guarded(msg)(self.generate),
+        self.gen_button.click(guarded(msg, reset={self.gen_base: "", self.gen_adapted: ""})(self.generate),
                               {self.gen_prompt, self.gen_tokens, self.live.job_id},
                               {msg, self.gen_base, self.gen_adapted})
 
@@ -208,13 +207,15 @@ class TextTab(FormTab):
         prompt, job_id = data[self.gen_prompt], data[self.live.job_id]
         if not prompt.strip():
             raise DatasetError("prompt is empty; type a prompt to generate from")
-        adapter = adapter_dir(self.manager, job_id)
-        if adapter is None:
+        tokens = whole_number(data[self.gen_tokens], 32, "max new tokens", 1, 2048)
+        adapter, record = adapter_dir(self.manager, job_id), self.manager.get(job_id) if job_id else None
+        if adapter is None and record is not None and record.live:
+            raise LycotrainError(f"the run shown, {record.name}, is {record.state}; its adapter exists once it "
+                                 "has finished")
+        if adapter is None or record is None:
             raise LycotrainError("no finished run with an adapter is shown; pick a finished text run above")
-        record = self.manager.get(job_id)
         model = load_config(Path(record.run_dir) / "config.toml").model.path  # the base it was trained on
-        base = ["generate", "--model", model, "--prompt", prompt,
-                "--max-new-tokens", str(int(data[self.gen_tokens] or 32))]
+        base = ["generate", "--model", model, "--prompt", prompt, "--max-new-tokens", str(tokens)]
         with ThreadPoolExecutor(2) as pool:  # both processes load the model at the same time
             results = list(pool.map(lambda args: run_cli(args, timeout_s=600), [base, base + ["--adapter",
                                                                                              str(adapter)]]))

@@ -12,7 +12,7 @@ import gradio as gr
 from lycotrain.errors import FormatError, LycotrainError
 from lycotrain.jobs import JobManager
 from lycotrain.ui.datasets import new_upload_folder, sanitize_name
-from lycotrain.ui.forms import widget
+from lycotrain.ui.forms import whole_number, widget
 from lycotrain.ui.messages import guarded
 from lycotrain.ui.runner import CliResult, run_cli
 
@@ -61,12 +61,10 @@ class ToolsTab:
             self.merge_multiplier = gr.Number(label="multiplier", value=1.0)
             self.merge_button = gr.Button("Merge", variant="primary", elem_id="tools-merge")
         with gr.Tab("Extract / convert to LoRA"):
-            self.extract_rank = gr.Number(label="LoRA rank", value=16, precision=0, minimum=1,
-                                          elem_id="tools-extract-rank")
+            self.extract_rank = gr.Number(label="LoRA rank", value=16, precision=0, elem_id="tools-extract-rank")
             self.extract_button = gr.Button("Convert to LoRA", variant="primary", elem_id="tools-extract")
         with gr.Tab("Resize a LoRA"):
-            self.resize_rank = gr.Number(label="new rank", value=8, precision=0, minimum=1,
-                                         elem_id="tools-resize-rank")
+            self.resize_rank = gr.Number(label="new rank", value=8, precision=0, elem_id="tools-resize-rank")
             self.resize_button = gr.Button("Resize", variant="primary", elem_id="tools-resize")
         self.output = gr.Textbox(label="output", lines=14, max_lines=40, interactive=False, elem_id="tools-output")
         self.files = gr.File(label="files written", file_count="multiple", interactive=False, elem_id="tools-files")
@@ -128,12 +126,13 @@ class ToolsTab:
 
     def extract(self, data: dict[Any, Any]) -> dict:
         source, model = self._source(data), self._model(data, "converting to LoRA")
+        rank = whole_number(data[self.extract_rank], 16, "LoRA rank")
         folder, out = self._out(source, "lora")
-        return self._finish([run_cli(["extract", source, *self._model_args(data, model), "--rank",
-                                      str(int(number(data[self.extract_rank], 16))), "--out", str(out)])], folder)
+        return self._finish([run_cli(["extract", source, *self._model_args(data, model), "--rank", str(rank),
+                                      "--out", str(out)])], folder)
 
     def resize(self, data: dict[Any, Any]) -> dict:
         source = self._source(data)
+        rank = whole_number(data[self.resize_rank], 8, "new rank")
         folder, out = self._out(source, "resized")
-        return self._finish([run_cli(["resize", source, "--rank", str(int(number(data[self.resize_rank], 8))),
-                                      "--out", str(out)])], folder)
+        return self._finish([run_cli(["resize", source, "--rank", str(rank), "--out", str(out)])], folder)

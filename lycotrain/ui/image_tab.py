@@ -132,13 +132,11 @@ class ImageTab(FormTab):
                             f[f"network.{name}"] = image_widget(f"network.{name}", min_width=110,
                                                           visible=name in METHOD_PARAMS["loha"])
                 with gr.Accordion("Training", open=True):
-                    with gr.Row():
-                        f["seed"] = image_widget("seed", min_width=110)
-                        for name in IMAGE_FIELDS["training"][:6]:
-                            f[f"training.{name}"] = image_widget(f"training.{name}", min_width=110)
-                    with gr.Row():
-                        for name in IMAGE_FIELDS["training"][6:]:
-                            f[f"training.{name}"] = image_widget(f"training.{name}", min_width=110)
+                    keys = ["seed", *(f"training.{name}" for name in IMAGE_FIELDS["training"])]
+                    for first in range(0, len(keys), 5):  # rows of five: a fuller row squeezed a checkbox's label
+                        with gr.Row():                     # out of sight and wrapped its last field alone
+                            for key in keys[first:first + 5]:
+                                f[key] = image_widget(key, min_width=110)
                 with gr.Accordion("Previews", open=False):
                     with gr.Row():
                         for name in IMAGE_FIELDS["sample"]:

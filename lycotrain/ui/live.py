@@ -152,13 +152,11 @@ class LiveView:
             self.stop_button = gr.Button("Stop", variant="stop", scale=1, elem_id=f"{task}-stop")
         self.progress = gr.HTML(progress_html(None, RunView()), elem_id=f"{task}-progress")
         self.messages = gr.HTML("", elem_id=f"{task}-run-messages")
-        with gr.Row():
-            self.plot = gr.LinePlot(x="step", y="loss", label="loss", elem_id=f"{task}-loss-plot", height=260,
-                                    scale=3)
-            if task == "image":
-                self.previews = gr.Gallery(label="previews (newest first)", columns=3, height=260,
-                                           elem_id=f"{task}-previews", scale=2, interactive=False)
-        if task == "text":
+        self.plot = gr.LinePlot(x="step", y="loss", label="loss", elem_id=f"{task}-loss-plot", height=260)
+        if task == "image":  # the column's full width: beside the plot, three ~100 px tiles overflowed it
+            self.previews = gr.Gallery(label="previews (newest first)", columns=3, height=320,
+                                       elem_id=f"{task}-previews", interactive=False)
+        else:
             self.previews = gr.Markdown(text_previews_markdown(RunView()), elem_id=f"{task}-previews")
         self.details = gr.Markdown("", elem_id=f"{task}-run-details")
         self.downloads = gr.File(label="downloads", file_count="multiple", interactive=False,

@@ -101,6 +101,9 @@ def test_demo_loha_run_live_view_and_download(page, app_server: AppServer, tmp_p
     page.wait_for_function("document.querySelectorAll('#image-loss-plot g.mark-line path').length > 0")
     assert loss_points(page, "image") >= 2
     assert page.locator("#image-previews img").count() >= 1
+    assert page.evaluate("""() => [...document.querySelectorAll('#image-previews img')].every(image =>
+        image.getBoundingClientRect().right <= document.querySelector('#image-previews').getBoundingClientRect().right
+    )"""), "preview tiles overflow the gallery (beside the plot three tiles did not fit)"
     link = page.locator("#image-downloads a[download$='.safetensors']").first
     try:
         link.wait_for()
@@ -180,3 +183,21 @@ def test_text_tab_llama_adapter_run_and_generation(page, app_server: AppServer, 
                            timeout=180_000)
     assert page.locator("#text-gen-base textarea").input_value()
     page.screenshot(path=str(ARTIFACTS / "text-run-finished.png"), full_page=True)
+
+
+CLIPPED_CHECKBOX_LABELS = """() => [...document.querySelectorAll('.checkbox-container .label-text')]
+  .filter(label => label.offsetParent && label.getBoundingClientRect().right >
+                   label.closest('.block').getBoundingClientRect().right + 1)
+  .map(label => label.innerText)"""
+
+
+def test_no_checkbox_label_is_squeezed_out_of_sight(page) -> None:
+    """In a row of eight fields the 'gradient checkpointing' box got 32 px: its label overflowed the box, out of
+    sight."""
+    assert page.evaluate(CLIPPED_CHECKBOX_LABELS) == []
+    open_accordion(page, "Previews")
+    open_accordion(page, "Saving")
+    assert page.evaluate(CLIPPED_CHECKBOX_LABELS) == []
+    page.get_by_role("tab", name="Text").click()
+    page.locator("#text-start").wait_for()
+    assert page.evaluate(CLIPPED_CHECKBOX_LABELS) == []

@@ -4,6 +4,7 @@ a run from its events, re-rendering only what changed."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -224,3 +225,16 @@ def test_out_of_range_numbers_get_a_message_naming_the_field(tmp_path: Path) -> 
     running = _fake_run(manager, state="running")
     out = generate({text.gen_prompt: "hi", text.gen_tokens: 8, text.live.job_id: running.id})
     assert "is running; its adapter exists once it has finished" in out[text.message]
+
+
+def test_runs_of_the_same_name_can_be_told_apart_in_the_picker(tmp_path: Path) -> None:
+    manager = JobManager(tmp_path / "runs")
+    first, second = _fake_run(manager, state="finished"), _fake_run(manager, state="finished")
+    assert first.name == second.name
+    with gr.Blocks():
+        view = live.LiveView(manager, "image")
+    labels = [label for label, _ in view.refresh(None, {})[2]["choices"]]
+    assert len(set(labels)) == 2 and all(label.startswith("loha-demo — ") for label in labels)
+    assert re.search(r" · \d{4}-\d\d-\d\d \d\d:\d\d:\d\d", labels[0])
+    assert live.run_label(first) == f"loha-demo — finished · {first.id[:4]}-{first.id[4:6]}-{first.id[6:8]} " \
+                                    f"{first.id[9:11]}:{first.id[11:13]}:{first.id[13:15]}"

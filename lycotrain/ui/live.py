@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -63,6 +64,14 @@ def progress_html(record: JobRecord | None, view: RunView) -> str:
             f"<div style='background:#e5e7eb;border-radius:6px;height:14px;overflow:hidden'>"
             f"<div style='width:{fraction * 100:.1f}%;background:{bar_color};height:100%'></div></div>"
             f"<div class='lt-progress-text' style='margin-top:4px'>{' · '.join(parts)}</div></div>")
+
+
+def run_label(record: JobRecord) -> str:
+    """The run picker's label: the name, the state and when it was queued (from its folder's stamp), so that two
+    runs of the same name (the same settings, a re-run) can be told apart."""
+    stamp = re.match(r"(\d{4})(\d\d)(\d\d)-(\d\d)(\d\d)(\d\d)", record.id)
+    when = f" · {'-'.join(stamp.groups()[:3])} {':'.join(stamp.groups()[3:])}" if stamp else f" · {record.id}"
+    return f"{record.name} — {record.state}{when}"
 
 
 def preflight_summary(report: dict[str, Any] | None) -> str:
@@ -187,7 +196,9 @@ class LiveView:
                "messages": (len(view.warnings), len(view.errors), record.error if record else None,
                             view.preflight is not None)}
         changed = {key for key in new if rendered.get(key) != new[key] or rendered.get("job") != new["job"]}
-        choices = [(f"{r.name} — {r.state}", r.id) for r in records[:50]]
+        labels = [run_label(r) for r in records[:50]]
+        choices = [(label if labels.count(label) == 1 else f"{label} ({r.id})", r.id)  # same second: the folder
+                   for label, r in zip(labels, records)]
         picker = gr.update(choices=choices, value=new["job"]) if changed & {"runs", "job"} else gr.skip()
         plot = loss_frame(view) if "losses" in changed else gr.skip()
         if "previews" in changed:

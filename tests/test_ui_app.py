@@ -153,6 +153,10 @@ def test_a_failed_upload_empties_the_upload_box(tmp_path: Path, monkeypatch) -> 
     assert "bad.json: not valid JSON" in out[text.message] and out[text.upload] is None
     assert not (manager.runs_root / "_uploads").exists()  # refused before anything was copied
     (tmp_path / "cat.png").write_bytes(b"")
+    (tmp_path / "broken.zip").write_bytes(b"PK not a zip")
+    out = _handler(app, image.upload, "upload")([str(tmp_path / "broken.zip")])
+    assert "Imported 0 image(s)" in out[image.message] and "rejected `broken.zip`" in out[image.message]
+    assert image.form["dataset.path"] not in out and not any((manager.runs_root / "_uploads").iterdir())
     monkeypatch.setattr(datasets, "MAX_UPLOAD_FILES", 0)
     out = _handler(app, image.upload, "upload")([str(tmp_path / "cat.png")])
     assert "at most 0 per upload" in out[image.message] and out[image.upload] is None

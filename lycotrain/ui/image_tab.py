@@ -223,12 +223,13 @@ class ImageTab(FormTab):
         if not files:
             return {self.message: ""}
         result = datasets.import_uploads(files, datasets.new_upload_folder(self.uploads))
-        box = error_html if not result.images else (notice_html if result.rejected or result.uncaptioned
-                                                    else success_html)
-        out = {self.message: box(result.summary()), self.upload: None}
-        if result.images:
-            out[self.form["dataset.path"]] = str(result.dataset_folder)
-        return out
+        if not result.images:  # nothing kept (captions are kept only beside an image): no empty folder left
+            result.folder.rmdir()
+            return {self.message: error_html(result.summary().replace(f" into `{result.folder}`", "")),
+                    self.upload: None}
+        box = notice_html if result.rejected or result.uncaptioned else success_html
+        return {self.message: box(result.summary()), self.upload: None,
+                self.form["dataset.path"]: str(result.dataset_folder)}
 
     def lint(self, data: dict[Any, Any]) -> dict:
         """The pre-flight report with the step arithmetic, from ``lycotrain lint`` (it needs torch: a child); the

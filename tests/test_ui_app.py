@@ -8,6 +8,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import gradio as gr
 import pytest
@@ -95,7 +96,9 @@ def test_adalora_rank_allocation_is_shown(tmp_path: Path) -> None:
     assert "fixed at step 7" in text and "total rank 12" in text and "| `layers.0.q_proj` | 5 |" in text
 
 
-def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tmp_path: Path, monkeypatch) -> None:
+@pytest.fixture
+def tools(tmp_path: Path, monkeypatch) -> tuple[Any, Path, list[list[str]]]:
+    """A tools tab whose commands are recorded instead of run, an (empty) adapter file, and the recorded calls."""
     from lycotrain.ui import tools_tab
     from lycotrain.ui.runner import CliResult
 
@@ -106,6 +109,11 @@ def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tmp_path: 
     adapter.write_bytes(b"")
     with gr.Blocks():
         tab = tools_tab.ToolsTab(JobManager(tmp_path / "runs"))
+    return tab, adapter, calls
+
+
+def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tools) -> None:
+    tab, adapter, calls = tools
     assert isinstance(tab.family, gr.Dropdown) and tab.family.value == "auto"
     data = {tab.upload: None, tab.path: str(adapter), tab.model: "/models/v2.safetensors", tab.family: "sd2-v",
             tab.merge_multiplier: 1.0, tab.extract_rank: 4}
@@ -115,18 +123,9 @@ def test_tools_tab_passes_the_model_family_to_check_merge_and_extract(tmp_path: 
         assert args[args.index("--family") + 1] == "sd2-v"
 
 
-def test_tools_tab_merges_at_multiplier_zero(tmp_path: Path, monkeypatch) -> None:
+def test_tools_tab_merges_at_multiplier_zero(tools) -> None:
     """0 is a multiplier like any other (the form once replaced it with the default 1.0)."""
-    from lycotrain.ui import tools_tab
-    from lycotrain.ui.runner import CliResult
-
-    calls: list[list[str]] = []
-    monkeypatch.setattr(tools_tab, "run_cli", lambda args, timeout_s=0: calls.append(args) or
-                        CliResult(args, 0, "ok", ""))
-    adapter = tmp_path / "a.safetensors"
-    adapter.write_bytes(b"")
-    with gr.Blocks():
-        tab = tools_tab.ToolsTab(JobManager(tmp_path / "runs"))
+    tab, adapter, calls = tools
     data = {tab.upload: None, tab.path: str(adapter), tab.model: "builtin:tiny-sd1", tab.family: "auto"}
     tab.merge({**data, tab.merge_multiplier: 0.0})
     tab.merge({**data, tab.merge_multiplier: None})  # an emptied field: the default

@@ -135,10 +135,6 @@ IMPLS: dict[str, Callable[[nn.Module, str, list[str]], list[nn.Parameter]]] = {
 LYCORIS_METHODS = {"lora", "loha", "lokr", "oft"}
 
 
-def method_available(method: str) -> bool:
-    return (Path(__file__).resolve().parents[1] / "lycotrain" / "adapters" / f"{method}.py").exists()
-
-
 # ---- one case, in a child process -------------------------------------------------------------------
 def saved_mib(step: Callable[[], None], excluded: set[int]) -> float:
     """Unique storages autograd saves during ``step`` (parameters excluded), in MiB."""
@@ -259,7 +255,7 @@ def preload(methods: list[str]) -> None:
 
     for name in ["peft", "lycoris.modules.locon", "lycoris.modules.loha", "lycoris.modules.lokr",
                  "lycoris.modules.diag_oft", "lycotrain.inject",
-                 *[f"lycotrain.adapters.{m}" for m in methods if method_available(m)]]:
+                 *[f"lycotrain.adapters.{m}" for m in methods]]:
         try:
             importlib.import_module(name)
         except ImportError:  # that implementation's cases report the error and are skipped
@@ -279,9 +275,6 @@ def main(argv: list[str] | None = None) -> int:
     for spec in model_specs(args.quick):
         unet = build_unet(spec)
         todo = [(m, i) for m, i in cases() if m == "floor" or m in args.methods]
-        for method in {m for m, i in todo if i == "lycotrain" and m != "floor" and not method_available(m)}:
-            skipped.append(f"{method} (lycotrain/adapters/{method}.py not written yet)")
-        todo = [(m, i) for m, i in todo if m == "floor" or i != "lycotrain" or method_available(m)]
         best: dict[tuple[str, str], dict[str, Any]] = {}
         for round_index in range(spec.rounds):
             for method, impl in todo:

@@ -38,6 +38,21 @@ def merged_reference(adapter: Adapter, x: torch.Tensor, multiplier: float = 1.0)
     return adapter.base_op(x, weight, adapter.base.bias)
 
 
+def check_rank_dropout(adapter: Adapter, x: torch.Tensor) -> None:
+    """kohya rank dropout on a method whose delta has no rank axis (LoHa, LoKr): in training each output row of the
+    delta is dropped or doubled (one draw per row, shared by all samples); eval mode is the merged layer."""
+    with torch.no_grad():
+        base, full = adapter.base(x), merged_reference(adapter, x)
+        adapter.train()
+        ratio = (adapter(x) - base) / (full - base)
+        adapter.eval()
+        assert_rel_close(adapter(x), full)
+    ratio = ratio.movedim(1, -1) if adapter.is_conv else ratio
+    per_row = ratio.reshape(-1, ratio.shape[-1])
+    assert torch.allclose(per_row, per_row[:1].expand_as(per_row), atol=1e-3)
+    assert set(per_row[0].round(decimals=3).tolist()) <= {0.0, 2.0}
+
+
 def check_adapter_contract(adapter: Adapter, x: torch.Tensor) -> None:
     """Forward == merged reference; gradients only on adapter parameters; merge/unmerge; multiplier."""
     base_weight = adapter.base.weight.detach().clone()

@@ -4,6 +4,7 @@ import logging
 
 import pytest
 import torch
+from adapter_checks import assert_rel_close
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -71,12 +72,6 @@ def lycoris_delta(layer, adapter: OFTAdapter, m: float) -> torch.Tensor:
     return delta
 
 
-def assert_rel_close(actual, expected, rel=1e-5):
-    """Equal to ``rel`` relative to the largest entry of ``expected`` (the issue's 1e-5 relative)."""
-    scale = expected.abs().max().item()
-    torch.testing.assert_close(actual.double(), expected.double(), rtol=0, atol=rel * scale)
-
-
 @pytest.mark.parametrize("kind", LAYERS)
 @pytest.mark.parametrize("constraint", [0.0, 1e-3])
 @pytest.mark.parametrize("rescaled", [False, True])
@@ -94,7 +89,7 @@ def test_oft_matches_lycoris(kind, constraint, rescaled, m):
         delta = adapter.delta_weight(m)
         assert_rel_close(delta, expected)
         assert_rel_close(delta, spec_delta_fp64(layer.weight, adapter.oft_blocks, adapter.rescale,
-                                                constraint * adapter.out_features, m), rel=1e-6)
+                                                constraint * adapter.out_features, m), rtol=1e-6)
         x = sample_input(layer)
         reference = adapter.base_op(x, layer.weight + expected, layer.bias)
         assert_rel_close(adapter(x), reference)
@@ -120,7 +115,7 @@ def test_oft_forward_equals_lycoris_module_forward(kind):
         weights = torch.randn_like(out)
         (out * weights).sum().backward()
         (expected * weights).sum().backward()  # the same loss through LyCORIS: the training gradients agree
-        assert_rel_close(adapter.oft_blocks.grad, module.oft_blocks.grad, rel=1e-4)
+        assert_rel_close(adapter.oft_blocks.grad, module.oft_blocks.grad, rtol=1e-4)
 
 
 @pytest.mark.parametrize("out, lora_dim", [(320, 32), (320, 8), (640, 16), (768, 4), (1280, 32), (24, 5), (7, 4)])

@@ -17,3 +17,19 @@ torch.set_num_threads(1)
 @pytest.fixture(autouse=True)
 def _seed() -> None:
     torch.manual_seed(0)
+
+
+@pytest.fixture
+def isolated_home(tmp_path, monkeypatch):
+    """``LYCOTRAIN_HOME`` inside the test's folder: latent, text-encoder and scan caches of this test only."""
+    home = tmp_path / "home"
+    monkeypatch.setenv("LYCOTRAIN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="module")
+def image_assets(tmp_path_factory):
+    """(tiny SD1 model folder, two-image demo dataset), built once per test module."""
+    from _image_runs import build_assets
+
+    return build_assets(tmp_path_factory.mktemp("assets"))

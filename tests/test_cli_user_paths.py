@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from _image_runs import build_assets, events, image_config
+from _image_runs import events, image_config
 from lycotrain.engine.config import Config
 from lycotrain.engine.loop import train
 
@@ -24,32 +24,25 @@ def fresh_accelerate():
     AcceleratorState._reset_state(reset_partial_state=True)
 
 
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory) -> tuple[Path, Path]:
-    return build_assets(tmp_path_factory.mktemp("assets"))
-
-
-def test_bf16_run_renders_previews(tmp_path, monkeypatch, assets, fresh_accelerate):
+def test_bf16_run_renders_previews(tmp_path, isolated_home, image_assets, fresh_accelerate):
     """The SDXL presets train in bf16 with previews: the fp32 adapters on bf16 weights must render too."""
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
-    config = image_config(tmp_path / "run", *assets, training={"max_steps": 1, "mixed_precision": "bf16"},
+    config = image_config(tmp_path / "run", *image_assets, training={"max_steps": 1, "mixed_precision": "bf16"},
                           sample=PREVIEW)
     result = train(config)
     assert result["status"] == "finished", result["message"]
     assert len(events(tmp_path / "run", "preview")) == 1
 
 
-def test_fp16_on_the_cpu_trains_in_fp32_with_a_warning(tmp_path, monkeypatch, assets, fresh_accelerate):
+def test_fp16_on_the_cpu_trains_in_fp32_with_a_warning(tmp_path, isolated_home, image_assets, fresh_accelerate):
     """The SD1.5 presets say fp16, which the CPU cannot autocast: the run says so and trains in fp32."""
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
-    config = image_config(tmp_path / "run", *assets, training={"max_steps": 1, "mixed_precision": "fp16"},
+    config = image_config(tmp_path / "run", *image_assets, training={"max_steps": 1, "mixed_precision": "fp16"},
                           sample=PREVIEW)
     result = train(config)
     assert result["status"] == "finished", result["message"]
     assert any("training.mixed_precision" in w["message"] for w in events(tmp_path / "run", "warning"))
 
 
-def test_previews_decode_with_the_fp32_vae_under_autocast(assets):
+def test_previews_decode_with_the_fp32_vae_under_autocast(image_assets):
     """Under a bf16/fp16 run the VAE still decodes in fp32 (low-precision VAEs overflow to black images)."""
     import numpy as np
     import torch
@@ -57,7 +50,7 @@ def test_previews_decode_with_the_fp32_vae_under_autocast(assets):
     from lycotrain.diffusion.models import load_pipeline
     from lycotrain.diffusion.sampling import decode_latents
 
-    pipeline = load_pipeline(assets[0]).pipeline
+    pipeline = load_pipeline(image_assets[0]).pipeline
     latents = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(0)).bfloat16().float()
     reference = np.asarray(decode_latents(pipeline, latents))
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -65,7 +58,7 @@ def test_previews_decode_with_the_fp32_vae_under_autocast(assets):
 
 
 @pytest.fixture(scope="module")
-def sd2_files(tmp_path_factory, assets) -> tuple[Path, Path]:
+def sd2_files(tmp_path_factory, image_assets) -> tuple[Path, Path]:
     """(an SD2-layout single file with lycotrain's metadata, the same weights without any metadata)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
@@ -74,18 +67,17 @@ def sd2_files(tmp_path_factory, assets) -> tuple[Path, Path]:
     from lycotrain.diffusion.single_file import save_single_file
 
     root = tmp_path_factory.mktemp("sd2")
-    tagged = save_single_file(load_pipeline(assets[0]).pipeline, root / "sd2.safetensors", "sd2")
+    tagged = save_single_file(load_pipeline(image_assets[0]).pipeline, root / "sd2.safetensors", "sd2")
     with safe_open(str(tagged), "pt") as f:
         save_file({key: f.get_tensor(key) for key in f.keys()}, str(root / "bare-sd2.safetensors"))
     return tagged, root / "bare-sd2.safetensors"
 
 
-def test_model_family_sets_sd2_v_prediction(tmp_path, monkeypatch, assets, sd2_files):
+def test_model_family_sets_sd2_v_prediction(tmp_path, isolated_home, image_assets, sd2_files):
     """The README's `model.family = "sd2-v"` exists and reaches the model loader."""
     from lycotrain.formats.kohya import read_adapter_file
 
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
-    config = image_config(tmp_path / "run", sd2_files[0], assets[1], training={"max_steps": 1})
+    config = image_config(tmp_path / "run", sd2_files[0], image_assets[1], training={"max_steps": 1})
     config = Config.from_dict({**config.to_dict(), "model": {"path": str(sd2_files[0]), "family": "sd2-v"}})
     result = train(config)
     assert result["status"] == "finished", result["message"]
@@ -100,21 +92,20 @@ def test_bare_sd2_file_names_the_setting_that_fixes_it(tmp_path, sd2_files, caps
     assert "model.family" in capsys.readouterr().err
 
 
-def test_family_option_reaches_the_loader(tmp_path, assets, capsys):
+def test_family_option_reaches_the_loader(tmp_path, image_assets, capsys):
     from lycotrain.cli import main
 
-    model = str(assets[0])
+    model = str(image_assets[0])
     assert main(["extract", "--base", model, "--tuned", model, "--family", "sdxl", "--rank", "1",
                  "--out", str(tmp_path / "x")]) == 2
     assert "not 'sdxl'" in capsys.readouterr().err
 
 
-def test_text_demo_keeps_out_of_the_image_demo_folder(tmp_path, monkeypatch, capsys):
+def test_text_demo_keeps_out_of_the_image_demo_folder(tmp_path, isolated_home, monkeypatch, capsys):
     """`make demo`, then `lycotrain demo --task text` (the README's order): the text demo has its own folder
     and leaves the image demo's model and run alone; an explicit shared --out is refused, both ways."""
     from lycotrain.cli import main
 
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
     monkeypatch.chdir(tmp_path)
     image_base = tmp_path / "demo-out" / "base"
     image_base.mkdir(parents=True)
@@ -217,24 +208,22 @@ def test_build_tiny_refuses_an_occupied_out(tmp_path, capsys):
         assert "not an empty folder" in capsys.readouterr().err
 
 
-def test_adalora_text_demo_takes_any_steps(tmp_path, monkeypatch):
+def test_adalora_text_demo_takes_any_steps(tmp_path, isolated_home):
     """`lycotrain demo --task text --method adalora --steps 10` failed: tinit/tfinal were fixed for 150 steps."""
     from lycotrain.cli import main
     from lycotrain.text.demo import demo_config
 
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
     assert main(["demo", "--task", "text", "--method", "adalora", "--steps", "10", "--out", str(tmp_path)]) == 0
     assert (tmp_path / "run" / "adapter" / "adapter_config.json").is_file()
     network = demo_config("adalora", tmp_path, tmp_path, tmp_path, steps=150).network
     assert (network.tinit, network.tfinal) == (20, 40)  # the default demo is unchanged
 
 
-def test_a_failed_run_reports_its_error_once_on_stderr(tmp_path, monkeypatch, capsys, assets):
+def test_a_failed_run_reports_its_error_once_on_stderr(tmp_path, isolated_home, capsys, image_assets):
     from lycotrain.cli import main
 
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
     assert main(["train", "--set", f"model.path={str(tmp_path / 'missing.safetensors')!r}",
-                 "--set", f"dataset.path={str(assets[1])!r}", "--set", f"run_dir={str(tmp_path / 'run')!r}"]) == 1
+                 "--set", f"dataset.path={str(image_assets[1])!r}", "--set", f"run_dir={str(tmp_path / 'run')!r}"]) == 1
     captured = capsys.readouterr()
     assert captured.err.count("missing.safetensors does not exist") == 1, captured.err
     assert "does not exist" not in captured.out

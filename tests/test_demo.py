@@ -6,10 +6,7 @@ import pytest
 
 from lycotrain.cli import main
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 def check_demo_outputs(out, method):

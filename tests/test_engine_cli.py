@@ -9,8 +9,7 @@ from lycotrain.cli import main
 from lycotrain.engine.config import config_to_cli, load_config
 
 
-def test_train_from_the_cli_command_then_extend(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+def test_train_from_the_cli_command_then_extend(tmp_path, isolated_home, capsys):
     model, data = build_assets(tmp_path)
     config = image_config(tmp_path / "run", model, data, training={"max_steps": 2})
     words = shlex.split(config_to_cli(config))

@@ -84,8 +84,7 @@ def test_step_arithmetic(tmp_path):
     assert [f.samples for f in report.folders] == [30, 3] and [f.repeats for f in report.folders] == [10, 3]
 
 
-def test_cli_lint_json_and_exit_codes(tmp_path, capsys, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))  # the scan cache goes there
+def test_cli_lint_json_and_exit_codes(tmp_path, isolated_home, capsys):
     write_images(tmp_path / "clean", 2, size=(64, 64))
     args = ["lint", "--resolution", "64", "--min-bucket", "32", "--max-bucket", "128", "--bucket-step", "16"]
     assert main(args + [str(tmp_path / "clean"), "--json", "--epochs", "2"]) == 0

@@ -14,11 +14,12 @@ import torch
 from _dataset_images import write_images
 from _image_runs import events, image_config
 from lycotrain.cli import main
-from lycotrain.diffusion import memory
-from lycotrain.diffusion.memory import SavedTensorMeter, estimate_memory, optimizer_state_bytes, spec_from_path
+from lycotrain.diffusion.memory import estimate_memory, spec_from_path
 from lycotrain.diffusion.task import DiffusionTask
+from lycotrain.engine import memory as engine_memory
 from lycotrain.engine.config import Config
 from lycotrain.engine.loop import train
+from lycotrain.engine.memory import MetaTrainingMode, SavedTensorMeter, optimizer_state_bytes
 
 SD_CONFIGS = resources.files("lycotrain") / "data" / "configs"  # the published configs: architecture, no weights
 TINY_GPU = {"name": "Tiny GPU", "total_bytes": 1024**2, "free_bytes": 1024**2}
@@ -33,10 +34,7 @@ def assets(tmp_path_factory) -> tuple[Path, Path]:
     write_images(root / "data", 4, size=(64, 64))
     return build_tiny_pipeline(root / "model", arch="sd1"), root / "data"
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 @pytest.fixture
@@ -83,7 +81,7 @@ def test_estimated_activations_match_a_real_training_step(tmp_path, assets, monk
 
     With gradient checkpointing the real meter sees only what torch's checkpoint keeps outside its segments
     (the checkpoint hides the rest from outer hooks), which is the estimate's ``outside_checkpoints`` part."""
-    monkeypatch.setattr(memory, "visible_gpu", lambda device=None: TINY_GPU)
+    monkeypatch.setattr(engine_memory, "visible_gpu", lambda device=None: TINY_GPU)
     model, data = assets
     tables = {key: {**{"max_steps": 1}, **value} if key == "training" else value for key, value in settings.items()}
     tables.setdefault("training", {"max_steps": 1})
@@ -159,10 +157,9 @@ def test_cuda_autocast_emulation_follows_pytorch_op_table():
     neither list, in whatever dtype it gets."""
     import torch.nn.functional as F
 
-    from lycotrain.diffusion.memory import _MetaTrainingMode
 
     x = torch.empty(1, 4, 8, 8, device="meta", dtype=torch.bfloat16)
-    with _MetaTrainingMode(torch.bfloat16, "cuda"):
+    with MetaTrainingMode(torch.bfloat16, "cuda"):
         assert F.group_norm(x, 2).dtype == torch.float32
         assert F.conv2d(x.float(), torch.empty(4, 4, 1, 1, device="meta")).dtype == torch.bfloat16
         assert F.interpolate(x, scale_factor=2.0).dtype == torch.bfloat16
@@ -200,7 +197,7 @@ def test_single_file_model_gives_the_folder_spec_and_a_wrong_family_is_refused(t
 
 # ---- in the report -------------------------------------------------------------------------------------------
 def test_lint_report_json_and_text_carry_the_estimate(assets, capsys, monkeypatch):
-    monkeypatch.setattr(memory, "visible_gpu", lambda device=None: None)
+    monkeypatch.setattr(engine_memory, "visible_gpu", lambda device=None: None)
     model, data = assets
     args = ["lint", str(data), "--resolution", "32", "--min-bucket", "32", "--max-bucket", "64", "--bucket-step",
             "8", "--batch-size", "2"]
@@ -211,7 +208,7 @@ def test_lint_report_json_and_text_carry_the_estimate(assets, capsys, monkeypatc
     assert estimate["total_bytes"] == sum(item["bytes"] for item in estimate["items"])
     assert {"UNet weights", "activations", "optimizer state", "CUDA runtime"} <= {i["name"] for i in estimate["items"]}
 
-    monkeypatch.setattr(memory, "visible_gpu", lambda device=None: TINY_GPU)
+    monkeypatch.setattr(engine_memory, "visible_gpu", lambda device=None: TINY_GPU)
     assert main(args + ["--model", str(model)]) == 0
     text = capsys.readouterr().out
     assert "Memory estimate (an estimate, per training process; batch 2 at 32x32, fp32" in text

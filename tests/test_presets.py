@@ -39,8 +39,7 @@ def tiny(tmp_path_factory):
 
 
 @pytest.mark.parametrize("path", IMAGE_PRESETS, ids=lambda p: p.stem)
-def test_image_preset_trains_on_the_tiny_model(tmp_path, monkeypatch, tiny, path):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+def test_image_preset_trains_on_the_tiny_model(tmp_path, isolated_home, tiny, path):
     family = path.name.split("-")[0]
     config = load_config(path, [f"model.path={tiny[family]}", f"dataset.path={tiny['data']}",
                                 f"run_dir={tmp_path / 'run'}", "dataset.resolution=32",

@@ -22,10 +22,7 @@ from lycotrain.engine.loop import STOP_FILE, train
 def assets(tmp_path_factory):
     return build_assets(tmp_path_factory.mktemp("assets"), images=3)
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 def resume_config(run_dir, assets, **training):

@@ -9,7 +9,7 @@ import sys
 import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from _image_runs import build_assets, events, image_config
+from _image_runs import events, image_config
 from text_helpers import tiny_model_dir
 
 from lycotrain.engine.config import Config
@@ -17,15 +17,7 @@ from lycotrain.engine.loop import train
 from lycotrain.engine.tensorboard import TENSORBOARD_DIR
 from lycotrain.text.demo import write_demo_dataset
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("assets"))
-
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 def read_back(run_dir):
@@ -38,8 +30,8 @@ def scalars(accumulator, tag):
     return [(point.step, point.value) for point in accumulator.Scalars(tag)]
 
 
-def test_scalars_and_previews_match_the_events(tmp_path, assets):
-    model, data = assets
+def test_scalars_and_previews_match_the_events(tmp_path, image_assets):
+    model, data = image_assets
     run_dir = tmp_path / "run"
     config = image_config(run_dir, model, data, network={"train_text_encoder": True},
                           training={"max_steps": 4, "text_encoder_lr": 5e-3},
@@ -59,8 +51,8 @@ def test_scalars_and_previews_match_the_events(tmp_path, assets):
     assert all((image.width, image.height) == (32, 32) for image in images)
 
 
-def test_resume_continues_the_folder_without_duplicate_steps(tmp_path, assets):
-    model, data = assets
+def test_resume_continues_the_folder_without_duplicate_steps(tmp_path, image_assets):
+    model, data = image_assets
     run_dir = tmp_path / "run"
     config = image_config(run_dir, model, data, training={"max_steps": 4},
                           save={"tensorboard": True, "every_n_steps": 2, "keep_last": 0})
@@ -72,9 +64,9 @@ def test_resume_continues_the_folder_without_duplicate_steps(tmp_path, assets):
     assert len(list((run_dir / TENSORBOARD_DIR).iterdir())) == 2  # one file per attempt, in the same folder
 
 
-def test_missing_package_stops_before_training(tmp_path, assets, monkeypatch):
+def test_missing_package_stops_before_training(tmp_path, image_assets, monkeypatch):
     monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # makes the import fail
-    model, data = assets
+    model, data = image_assets
     run_dir = tmp_path / "run"
     result = train(image_config(run_dir, model, data, save={"tensorboard": True}))
     assert result["status"] == "failed"
@@ -99,14 +91,14 @@ def test_other_processes_write_nothing_but_need_the_package_too(tmp_path, monkey
         trainer._attach_tensorboard(resumed_step=None)
 
 
-def test_a_failing_write_warns_once_and_training_goes_on(tmp_path, assets, monkeypatch):
+def test_a_failing_write_warns_once_and_training_goes_on(tmp_path, image_assets, monkeypatch):
     from torch.utils.tensorboard import SummaryWriter
 
     def disk_full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(SummaryWriter, "add_scalar", disk_full)
-    model, data = assets
+    model, data = image_assets
     run_dir = tmp_path / "run"
     result = train(image_config(run_dir, model, data, training={"max_steps": 3}, save={"tensorboard": True}))
     assert result["status"] == "finished"
@@ -115,8 +107,8 @@ def test_a_failing_write_warns_once_and_training_goes_on(tmp_path, assets, monke
     assert len(warnings) == 1 and "No space left on device" in warnings[0]
 
 
-def test_option_off_writes_no_folder(tmp_path, assets):
-    model, data = assets
+def test_option_off_writes_no_folder(tmp_path, image_assets):
+    model, data = image_assets
     run_dir = tmp_path / "run"
     assert train(image_config(run_dir, model, data, training={"max_steps": 1}))["status"] == "finished"
     assert not (run_dir / TENSORBOARD_DIR).exists()

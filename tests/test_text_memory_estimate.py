@@ -100,8 +100,7 @@ def test_batch_length_checkpointing_and_method_move_the_estimate(experts):
     assert "gradient_checkpointing" not in (xlora.fit_warning() or "")  # X-LoRA cannot use it: never advised
 
 
-def test_preflight_event_carries_the_estimate_and_warns(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
+def test_preflight_event_carries_the_estimate_and_warns(tmp_path, isolated_home, monkeypatch):
     monkeypatch.setattr(memory, "visible_gpu", lambda device=None: TINY_GPU)
     config = Config.from_dict({
         "task": "text", "run_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model_dir("llama"))},

@@ -61,10 +61,7 @@ def bucket_data(tmp_path_factory):
         (folder / f"{name}.txt").write_text(caption)
     return folder
 
-
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))  # latent/text caches of this test only
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
 class RecordingTask(DiffusionTask):

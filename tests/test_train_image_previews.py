@@ -4,30 +4,22 @@ sampler renders."""
 import pytest
 from PIL import Image
 
-from _image_runs import build_assets, events, image_config
+from _image_runs import events, image_config
 from lycotrain.diffusion.sampling import SAMPLERS, render_previews
 from lycotrain.engine.config import SamplePrompt
 from lycotrain.engine.loop import train
 
-
-@pytest.fixture(scope="module")
-def assets(tmp_path_factory):
-    return build_assets(tmp_path_factory.mktemp("assets"))
+pytestmark = pytest.mark.usefixtures("isolated_home")
 
 
-@pytest.fixture(autouse=True)
-def _home(tmp_path, monkeypatch):
-    monkeypatch.setenv("LYCOTRAIN_HOME", str(tmp_path / "home"))
-
-
-def test_previews_at_configured_steps_and_final_from_the_file(tmp_path, assets, monkeypatch):
+def test_previews_at_configured_steps_and_final_from_the_file(tmp_path, image_assets, monkeypatch):
     import lycotrain.formats.kohya as kohya
 
     loaded = []
     real_apply = kohya.apply_file
     monkeypatch.setattr(kohya, "apply_file", lambda components, path, **kw: loaded.append(path) or
                         real_apply(components, path, **kw))
-    model, data = assets
+    model, data = image_assets
     prompts = [{"prompt": "lyco, red circle", "seed": 1, "steps": 2}, {"prompt": "blue", "steps": 2, "width": 48}]
     config = image_config(tmp_path / "run", model, data, training={"max_steps": 4},
                           sample={"prompts": prompts, "at_start": True, "every_n_steps": 2, "at_end": True})
@@ -43,10 +35,10 @@ def test_previews_at_configured_steps_and_final_from_the_file(tmp_path, assets, 
 
 
 @pytest.mark.parametrize("sampler", sorted(SAMPLERS))
-def test_every_sampler_renders(tmp_path, assets, sampler):
+def test_every_sampler_renders(tmp_path, image_assets, sampler):
     from lycotrain.diffusion.models import load_pipeline
 
-    model, _ = assets
+    model, _ = image_assets
     pipeline = load_pipeline(model).pipeline
     paths = render_previews(pipeline, [SamplePrompt(prompt="a", seed=3, steps=3)], sampler=sampler,
                             scheduler_config=pipeline.scheduler.config, default_size=32, out_dir=tmp_path, stem="x")

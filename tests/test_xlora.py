@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from text_helpers import load_model, token_batch
 
-from lycotrain.adapters.xlora import XLoRALinear, expert_scalings, mixed_lora, top_k_scalings
+from lycotrain.adapters.xlora import expert_scalings, mixed_lora, top_k_scalings
 from lycotrain.errors import AdapterError, FormatError
 from lycotrain.text.adapter_set import attach_lora, attach_xlora, load_adapter
 

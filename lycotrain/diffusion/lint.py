@@ -21,6 +21,7 @@ from lycotrain.diffusion.captions import with_trigger
 from lycotrain.diffusion.dataset import ImageDataset, ImageRecord
 from lycotrain.diffusion import memory as memory_estimate
 from lycotrain.diffusion.memory import ModelSpec
+from lycotrain.engine import memory as engine_memory
 from lycotrain.engine.memory import DTYPES, MemoryEstimate
 
 if TYPE_CHECKING:
@@ -152,7 +153,7 @@ def add_memory_estimate(report: LintReport, config: "Config", spec: Callable[[],
     try:
         estimate = memory_estimate.estimate_memory(spec(), config, batch_size=batch_size, width=width,
                                                    height=height, weight_dtype=weight_dtype, device_type=device_type)
-        estimate.gpu = memory_estimate.visible_gpu(device)
+        estimate.gpu = engine_memory.visible_gpu(device)
     except Exception as exc:  # noqa: BLE001 - see the docstring: an estimate must never cost the user a run
         report.memory_unavailable = f"{type(exc).__name__}: {exc}"
         return

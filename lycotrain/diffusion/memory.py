@@ -29,12 +29,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn.functional as F
 
-from lycotrain.engine.memory import (DTYPE_NAMES, MemoryEstimate, MemoryItem, SavedTensorMeter, module_bytes,
-                                     training_state_items)
-# also read from here: lint asks for the GPU through this module (tests replace it here), the image tests
-# import the meter, the mode and the optimizer arithmetic from it
-from lycotrain.engine.memory import MetaTrainingMode as _MetaTrainingMode
-from lycotrain.engine.memory import optimizer_state_bytes, visible_gpu  # noqa: F401
+from lycotrain.engine.memory import (DTYPE_NAMES, MemoryEstimate, MemoryItem, MetaTrainingMode, SavedTensorMeter,
+                                     module_bytes, training_state_items)
 from lycotrain.errors import ModelError
 
 if TYPE_CHECKING:
@@ -213,7 +209,7 @@ def _measure_activations(models: _MetaModels, spec: ModelSpec, config: "Config",
     if config.training.gradient_checkpointing:
         _enable_checkpointing(models, meter, train_te)
     autocast = None if weight_dtype == torch.float32 else weight_dtype
-    with meter, _MetaTrainingMode(autocast, device_type):
+    with meter, MetaTrainingMode(autocast, device_type):
         _training_loss(models, spec, batch_size=batch_size, width=width, height=height, train_text_encoder=train_te)
     return meter
 

@@ -215,7 +215,7 @@ def list_images(folder: str | Path) -> list[Path]:
 def caption_path(image: Path, extension: str) -> Path:
     extension = extension.strip()
     if not extension.strip("."):
-        raise DatasetError(f"dataset.caption_extension is empty; enter the extension of the caption files, e.g. "
+        raise DatasetError("dataset.caption_extension is empty; enter the extension of the caption files, e.g. "
                            ".txt")
     return image.with_suffix(extension if extension.startswith(".") else f".{extension}")
 

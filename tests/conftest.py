@@ -33,3 +33,19 @@ def image_assets(tmp_path_factory):
     from _image_runs import build_assets
 
     return build_assets(tmp_path_factory.mktemp("assets"))
+
+
+@pytest.fixture
+def as_other_rank():
+    """Wraps an ``Accelerator`` so that a task sees itself on a non-main process (everything else passes through)."""
+
+    class OtherRank:
+        is_main_process = False
+
+        def __init__(self, accelerator):
+            self._accelerator = accelerator
+
+        def __getattr__(self, name):
+            return getattr(self._accelerator, name)
+
+    return OtherRank

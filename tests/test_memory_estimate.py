@@ -238,3 +238,16 @@ def test_sd15_size_estimate_on_the_meta_device():
     assert checkpointed.item("activations").bytes < plain.item("activations").bytes / 2
     assert 3 * 1024**3 < plain.total_bytes < 8 * 1024**3
     assert seconds < 60  # a few seconds on an idle machine; generous for a shared CI box
+
+
+def test_only_the_main_process_estimates(tmp_path, image_assets, monkeypatch, as_other_rank):
+    """The others would only wait for it: under accelerate launch each rank once ran the whole estimate."""
+    from lycotrain.diffusion import lint
+
+    class SecondRank(DiffusionTask):
+        def setup(self, config, accelerator, events):
+            super().setup(config, as_other_rank(accelerator), events)
+
+    monkeypatch.setattr(lint, "add_memory_estimate", lambda *a, **k: pytest.fail("estimated on a non-main rank"))
+    config = image_config(tmp_path / "run", *image_assets, training={"max_steps": 1})
+    assert train(config, task=SecondRank())["status"] == "finished"

@@ -117,3 +117,18 @@ def test_preflight_event_carries_the_estimate_and_warns(tmp_path, isolated_home,
     assert estimate["total_bytes"] == sum(item["bytes"] for item in estimate["items"])
     assert any(e["type"] == "warning" and "exceeds the 0.0 GiB of Tiny GPU" in e["message"]
                and "lower dataset.max_length" in e["message"] for e in events)
+
+
+def test_only_the_main_process_estimates(tmp_path, isolated_home, monkeypatch, as_other_rank):
+    from lycotrain.text import task as text_task
+
+    class SecondRank(text_task.TextTask):
+        def setup(self, config, accelerator, events):
+            super().setup(config, as_other_rank(accelerator), events)
+
+    monkeypatch.setattr(text_task, "estimate_for_run", lambda *a, **k: pytest.fail("estimated on a non-main rank"))
+    config = Config.from_dict({
+        "task": "text", "run_dir": str(tmp_path / "run"), "model": {"path": str(tiny_model_dir("llama"))},
+        "dataset": {"path": str(write_demo_dataset(tmp_path / "data"))}, "network": {"method": "lora", "rank": 4},
+        "training": {"max_steps": 1}})
+    assert train(config, task=SecondRank())["status"] == "finished"

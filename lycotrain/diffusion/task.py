@@ -79,8 +79,9 @@ class DiffusionTask:
         t = config.training
         report = lint_dataset(self.dataset, batch_size=t.batch_size, grad_accum=t.grad_accum, epochs=t.epochs,
                               max_steps=t.max_steps, num_processes=accelerator.num_processes)
-        add_memory_estimate(report, config, lambda: spec_from_pipeline(self.model),
-                            weight_dtype=self.pipeline.unet.dtype, device=self.device)
+        if accelerator.is_main_process:  # the only process that reports it; the others would idle meanwhile
+            add_memory_estimate(report, config, lambda: spec_from_pipeline(self.model),
+                                weight_dtype=self.pipeline.unet.dtype, device=self.device)
         events.emit("preflight", report=report.to_dict())
         if report.memory is not None and (too_big := report.memory.fit_warning()):
             events.emit("warning", message=too_big)

@@ -93,8 +93,10 @@ class TextTask:
         d = config.dataset
         self.dataset, report = load_text_dataset(d.path, self.tokenizer, format=d.format, max_length=d.max_length,
                                                  train_on_prompt=d.train_on_prompt)
-        memory, unavailable = estimate_for_run(config, report, weight_dtype=self.model.dtype,
-                                               autocast_dtype=self._autocast_dtype(), device=accelerator.device)
+        memory, unavailable = None, "estimated on the main process only"
+        if accelerator.is_main_process:  # the only process that reports it; the others would idle meanwhile
+            memory, unavailable = estimate_for_run(config, report, weight_dtype=self.model.dtype,
+                                                   autocast_dtype=self._autocast_dtype(), device=accelerator.device)
         events.emit("preflight", report={**report.to_dict(), **self.adapters.counts(),
                                          "memory": None if memory is None else memory.to_dict(),
                                          "memory_unavailable": unavailable})
